@@ -1,0 +1,314 @@
+// epoll backend: readiness emulated into completions. Linux >= 2.6.27 (epoll_create1, accept4,
+// eventfd); EPOLLEXCLUSIVE (Linux >= 4.5) is used for the shared listener when the kernel has it.
+//
+// The kernel only says "ready"; this backend then performs the recv/send itself and queues the
+// result as a completion, so the core sees the same Events as from IOCP or io_uring (asio's
+// reactor and libuv's unix loop work this way).
+//
+// Per-connection state lives in Connection::backend_flags:
+//   kReadable / kWritable  readiness learnt from edge-triggered events. A short read or write, or
+//                          EAGAIN, clears it; the next edge sets it again. With EPOLLET a new
+//                          edge is raised for every new arrival of data or buffer space, so no
+//                          wake-up is lost by assuming "short = drained".
+//   kWantRecv / kWantSend  an operation is posted and its completion not yet queued. close()
+//                          turns exactly these into -ECANCELED completions, so every posted
+//                          operation completes exactly once.
+// The sockets are registered once, at attach, for EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET: no
+// epoll_ctl per operation.
+#include <errno.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <vector>
+
+#include "../../core/net.hpp"
+#include "../../core/worker.hpp"
+#include "../factories.hpp"
+#include "iocpnative/errors.hpp"
+
+namespace iocpnative {
+
+namespace {
+
+constexpr uint32_t kReadable = 1u << 0;
+constexpr uint32_t kWritable = 1u << 1;
+constexpr uint32_t kWantRecv = 1u << 2;
+constexpr uint32_t kWantSend = 1u << 3;
+
+constexpr int kEpollBatch = 128;
+constexpr int kAcceptBurst = 64;         // accepts per readiness event, for fairness
+constexpr int kReadyOnlyRounds = 4;      // rounds served from the queue before polling again
+constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
+
+class EpollPoller final : public Poller {
+public:
+    explicit EpollPoller(const PollerContext& ctx) : pool_(*ctx.pool), listener_(ctx.listener) {
+        ep_ = ::epoll_create1(EPOLL_CLOEXEC);
+        if (ep_ < 0) throw make_system_error(errno, "epoll_create1");
+        wake_fd_ = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (wake_fd_ < 0) {
+            const int err = errno;
+            ::close(ep_);
+            throw make_system_error(err, "eventfd");
+        }
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.ptr = &wake_tag_;
+        if (::epoll_ctl(ep_, EPOLL_CTL_ADD, wake_fd_, &ev) != 0) {
+            const int err = errno;
+            close_fds();
+            throw make_system_error(err, "epoll_ctl(eventfd)");
+        }
+        const int err = register_listener();
+        if (err != 0) {
+            close_fds();
+            throw make_system_error(err, "epoll_ctl(listener)");
+        }
+    }
+
+    ~EpollPoller() override {
+        // After a clean drain the queue is empty; if a worker died, give back what it held.
+        for (size_t i = head_; i < ready_.size(); ++i) {
+            Event& e = ready_[i];
+            if (e.kind == Event::Kind::Accepted) net::close_socket(e.accepted);
+            else pool_.release(e.io);
+        }
+        close_fds();
+    }
+
+    int wait(Event* out, int max, int timeout_ms) override {
+        if (head_ < ready_.size()) {
+            if (ready_only_rounds_ < kReadyOnlyRounds) {
+                ++ready_only_rounds_;
+                return take(out, max);
+            }
+            timeout_ms = 0;
+        }
+        ready_only_rounds_ = 0;
+        timeout_ms = clamp_for_accept_pause(timeout_ms);
+        epoll_event evs[kEpollBatch];
+        const int n = ::epoll_wait(ep_, evs, kEpollBatch, timeout_ms);
+        if (n < 0 && errno != EINTR) throw make_system_error(errno, "epoll_wait");
+        for (int i = 0; i < n; ++i) on_ready(evs[i]);
+        resume_accept_if_due();
+        return take(out, max);
+    }
+
+    int attach(Connection& c) override {
+        if (net::set_nonblocking(c.sock, true) != 0) return errno;
+        c.backend_flags = kWritable;
+        c.backend_io = nullptr;
+        epoll_event ev{};
+        ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
+        ev.data.ptr = &c;
+        return ::epoll_ctl(ep_, EPOLL_CTL_ADD, c.sock, &ev) == 0 ? 0 : errno;
+    }
+
+    void post_recv(Connection& c) override {
+        c.backend_flags |= kWantRecv;
+        if (c.backend_flags & kReadable) do_recv(c);
+    }
+
+    void post_send(Connection& c, IoData& io) override {
+        c.backend_io = &io;
+        c.backend_flags |= kWantSend;
+        if (c.backend_flags & kWritable) do_send(c);
+    }
+
+    void close(Connection& c) override {
+        if (c.backend_flags & kWantRecv) push(Event::Kind::Recv, c, nullptr, -ECANCELED);
+        if (c.backend_flags & kWantSend) push(Event::Kind::Send, c, c.backend_io, -ECANCELED);
+        c.backend_flags = 0;
+        c.backend_io = nullptr;
+        // Closing the only descriptor also removes it from the epoll set.
+        net::close_socket(c.sock);
+        c.sock = kInvalidSocket;
+    }
+
+    void stop_accepting() override {
+        accepting_ = false;
+        if (listener_registered_) {
+            ::epoll_ctl(ep_, EPOLL_CTL_DEL, listener_, nullptr);
+            listener_registered_ = false;
+        }
+    }
+
+    bool quiescent() const override { return head_ == ready_.size(); }
+
+    void wake() override {
+        const uint64_t one = 1;
+        // EAGAIN means the counter is already non-zero: a wake-up is pending anyway.
+        (void)!::write(wake_fd_, &one, sizeof(one));
+    }
+
+private:
+    void close_fds() {
+        if (wake_fd_ >= 0) ::close(wake_fd_);
+        if (ep_ >= 0) ::close(ep_);
+        wake_fd_ = ep_ = -1;
+    }
+
+    int register_listener() {
+        epoll_event ev{};
+        ev.events = EPOLLIN | EPOLLEXCLUSIVE;  // wake one worker per new connection, not all
+        ev.data.ptr = &listen_tag_;
+        if (::epoll_ctl(ep_, EPOLL_CTL_ADD, listener_, &ev) != 0) {
+            if (errno != EINVAL) return errno;
+            ev.events = EPOLLIN;  // kernel < 4.5: no EPOLLEXCLUSIVE
+            if (::epoll_ctl(ep_, EPOLL_CTL_ADD, listener_, &ev) != 0) return errno;
+        }
+        listener_registered_ = true;
+        return 0;
+    }
+
+    void on_ready(const epoll_event& ev) {
+        if (ev.data.ptr == &wake_tag_) {
+            uint64_t v;
+            (void)!::read(wake_fd_, &v, sizeof(v));
+            return;
+        }
+        if (ev.data.ptr == &listen_tag_) return accept_ready();
+        auto& c = *static_cast<Connection*>(ev.data.ptr);
+        if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c.backend_flags |= kReadable;
+        if (ev.events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) c.backend_flags |= kWritable;
+        if ((c.backend_flags & (kWantRecv | kReadable)) == (kWantRecv | kReadable)) do_recv(c);
+        if ((c.backend_flags & (kWantSend | kWritable)) == (kWantSend | kWritable)) do_send(c);
+    }
+
+    void do_recv(Connection& c) {
+        IoData* io = pool_.acquire();
+        if (io == nullptr) {
+            c.backend_flags &= ~kWantRecv;
+            return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
+        }
+        const ssize_t n = ::recv(c.sock, io->data(), io->capacity, 0);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            // Not readable after all: keep waiting for the next edge, holding no buffer.
+            c.backend_flags &= ~kReadable;
+            pool_.release(io);
+            return;
+        }
+        c.backend_flags &= ~kWantRecv;
+        if (n < 0) {
+            const int err = errno;
+            pool_.release(io);
+            return push(Event::Kind::Recv, c, nullptr, -err);
+        }
+        if (static_cast<size_t>(n) < io->capacity) c.backend_flags &= ~kReadable;
+        io->conn = &c;
+        io->op = Op::Recv;
+        push(Event::Kind::Recv, c, io, n);
+    }
+
+    void do_send(Connection& c) {
+        IoData& io = *c.backend_io;
+        const size_t want = io.unsent();
+        const ssize_t n = ::send(c.sock, io.data() + io.offset, want, MSG_NOSIGNAL);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+            c.backend_flags &= ~kWritable;  // wait for EPOLLOUT
+            return;
+        }
+        c.backend_flags &= ~kWantSend;
+        c.backend_io = nullptr;
+        if (n >= 0 && static_cast<size_t>(n) < want) c.backend_flags &= ~kWritable;
+        push(Event::Kind::Send, c, &io, n < 0 ? -errno : n);
+    }
+
+    void accept_ready() {
+        for (int i = 0; i < kAcceptBurst && accepting_; ++i) {
+            const int s = ::accept4(listener_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (s >= 0) {
+                Event e;
+                e.kind = Event::Kind::Accepted;
+                e.accepted = s;
+                ready_.push_back(e);
+                continue;
+            }
+            const int err = errno;
+            if (err == EAGAIN || err == EWOULDBLOCK) return;
+            if (err == EINTR || err == ECONNABORTED || err == EPROTO || err == EPERM) continue;
+            if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) {
+                // Out of descriptors or memory: the listener would stay readable and spin, so
+                // step back and retry later; pending connections wait in the backlog meanwhile.
+                std::fprintf(stderr, "iocpnative: accept paused for %lld ms: %s\n",
+                             static_cast<long long>(kAcceptPauseMs),
+                             make_system_error(err, "accept").what());
+                stop_accepting();
+                accepting_ = true;
+                accept_resume_ms_ = monotonic_ms() + kAcceptPauseMs;
+                return;
+            }
+            std::fprintf(stderr, "iocpnative: %s\n", make_system_error(err, "accept").what());
+            return;
+        }
+    }
+
+    int clamp_for_accept_pause(int timeout_ms) const {
+        if (accept_resume_ms_ == 0) return timeout_ms;
+        const int64_t left = accept_resume_ms_ - monotonic_ms();
+        const int wait = left <= 0 ? 0 : static_cast<int>(left);
+        return (timeout_ms < 0 || wait < timeout_ms) ? wait : timeout_ms;
+    }
+
+    void resume_accept_if_due() {
+        if (accept_resume_ms_ == 0 || monotonic_ms() < accept_resume_ms_) return;
+        accept_resume_ms_ = 0;
+        if (accepting_ && !listener_registered_) register_listener();
+    }
+
+    void push(Event::Kind kind, Connection& c, IoData* io, int64_t result) {
+        Event e;
+        e.kind = kind;
+        e.conn = &c;
+        e.io = io;
+        e.result = result;
+        ready_.push_back(e);
+    }
+
+    int take(Event* out, int max) {
+        int n = 0;
+        while (n < max && head_ < ready_.size()) out[n++] = ready_[head_++];
+        if (head_ == ready_.size()) {
+            ready_.clear();
+            head_ = 0;
+        }
+        return n;
+    }
+
+    IoDataPool& pool_;
+    const int listener_;
+    int ep_ = -1;
+    int wake_fd_ = -1;
+    bool accepting_ = true;
+    bool listener_registered_ = false;
+    int64_t accept_resume_ms_ = 0;
+    int ready_only_rounds_ = 0;
+    std::vector<Event> ready_;  // synthesised completions not yet returned by wait()
+    size_t head_ = 0;
+    char wake_tag_ = 0;
+    char listen_tag_ = 0;
+};
+
+class EpollBackend final : public Backend {
+public:
+    const char* name() const override { return "epoll"; }
+    std::unique_ptr<Poller> make_poller(const PollerContext& ctx) override {
+        return std::make_unique<EpollPoller>(ctx);
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_epoll_backend() { return std::make_unique<EpollBackend>(); }
+
+std::string probe_epoll() {
+    const int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) return make_system_error(errno, "epoll_create1").what();
+    ::close(fd);
+    return "";
+}
+
+}  // namespace iocpnative

@@ -1,0 +1,18 @@
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace iocpnative {
+namespace bindings {
+
+namespace py = pybind11;
+
+void register_errors(py::module_& m);
+void register_backends(py::module_& m);
+void register_server(py::module_& m);
+void register_client(py::module_& m);
+// Areas added by later work (crash dumps, load generator) register here; see extras.cpp.
+void register_extras(py::module_& m);
+
+}  // namespace bindings
+}  // namespace iocpnative

@@ -1,0 +1,232 @@
+#include "iocpnative/client.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <stdexcept>
+#include <string>
+
+#include "../core/net.hpp"
+#include "iocpnative/errors.hpp"
+
+#ifdef _WIN32
+#define IOCPNATIVE_POLL ::WSAPoll
+using pollfd_t = WSAPOLLFD;
+#else
+#include <netdb.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#define IOCPNATIVE_POLL ::poll
+using pollfd_t = pollfd;
+#endif  // _WIN32
+
+namespace iocpnative {
+
+namespace {
+
+int64_t now_ms() {
+    using namespace std::chrono;
+    return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+}
+
+bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINPROGRESS; }
+
+#ifdef _WIN32
+constexpr int kSendFlags = 0;
+using io_len_t = int;
+#else
+constexpr int kSendFlags = MSG_NOSIGNAL;
+using io_len_t = size_t;
+#endif  // _WIN32
+
+// One chunk per call keeps each send/recv length within int on Windows.
+constexpr size_t kMaxChunk = size_t{1} << 30;
+
+}  // namespace
+
+Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeout_s_(timeout_s) {
+    net::ensure_initialized();
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_protocol = IPPROTO_TCP;
+    addrinfo* res = nullptr;
+    const std::string service = std::to_string(port);
+    const int gai = ::getaddrinfo(host.c_str(), service.c_str(), &hints, &res);
+    if (gai != 0 || res == nullptr) {
+        throw std::invalid_argument("cannot resolve host '" + host +
+                                    "': " + std::string(gai_strerror(gai)));
+    }
+    const int64_t dl = deadline();
+    int err = ECONNREFUSED;
+    bool timed_out = false;
+    for (addrinfo* ai = res; ai != nullptr && sock_ == kInvalidSocket; ai = ai->ai_next) {
+        socket_t s = ::socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        if (s == kInvalidSocket) {
+            err = last_socket_error();
+            continue;
+        }
+        net::set_nonblocking(s, true);
+        net::set_nodelay(s);
+        if (::connect(s, ai->ai_addr, static_cast<socklen_t>(ai->ai_addrlen)) != 0) {
+            err = last_socket_error();
+            if (!would_block(err)) {
+                net::close_socket(s);
+                continue;
+            }
+            sock_ = s;  // wait_io polls sock_
+            bool r = false, w = false;
+            try {
+                wait_io(false, true, dl, r, w);
+            } catch (const TimeoutError&) {
+                net::close_socket(s);
+                sock_ = kInvalidSocket;
+                timed_out = true;
+                break;
+            }
+            int so_err = 0;
+            socklen_t len = sizeof(so_err);
+            ::getsockopt(s, SOL_SOCKET, SO_ERROR, reinterpret_cast<char*>(&so_err), &len);
+            if (so_err != 0) {
+                err = errno_from_native(so_err);
+                net::close_socket(s);
+                sock_ = kInvalidSocket;
+                continue;
+            }
+        }
+        sock_ = s;
+    }
+    ::freeaddrinfo(res);
+    if (timed_out) {
+        throw TimeoutError("connect to " + host + ":" + service + " timed out");
+    }
+    if (sock_ == kInvalidSocket) {
+        throw make_system_error(err, "connect to " + host + ":" + service);
+    }
+}
+
+Client::~Client() { close(); }
+
+void Client::close() noexcept {
+    net::close_socket(sock_);
+    sock_ = kInvalidSocket;
+}
+
+void Client::require_open() const {
+    if (sock_ == kInvalidSocket) throw std::logic_error("client is closed");
+}
+
+int64_t Client::deadline() const {
+    return timeout_s_ > 0 ? now_ms() + static_cast<int64_t>(timeout_s_ * 1000.0 + 0.5) : -1;
+}
+
+void Client::wait_io(bool want_read, bool want_write, int64_t deadline_ms, bool& readable,
+                     bool& writable) {
+    for (;;) {
+        pollfd_t p{};
+        p.fd = sock_;
+        p.events = static_cast<short>((want_read ? POLLIN : 0) | (want_write ? POLLOUT : 0));
+        int wait = -1;
+        if (deadline_ms >= 0) {
+            const int64_t left = deadline_ms - now_ms();
+            if (left <= 0) throw TimeoutError("timed out after " + std::to_string(timeout_s_) + " s");
+            wait = static_cast<int>(left);
+        }
+        const int n = IOCPNATIVE_POLL(&p, 1, wait);
+        if (n < 0) {
+            const int err = last_socket_error();
+            if (err == EINTR) continue;
+            throw make_system_error(err, "poll");
+        }
+        if (n == 0) continue;  // the deadline check above raises
+        // Errors and hang-ups surface through the next recv/send with the right errno.
+        const bool bad = (p.revents & (POLLERR | POLLHUP | POLLNVAL)) != 0;
+        readable = want_read && ((p.revents & POLLIN) != 0 || bad);
+        writable = want_write && ((p.revents & POLLOUT) != 0 || bad);
+        if (readable || writable) return;
+    }
+}
+
+size_t Client::send(const char* data, size_t len) {
+    require_open();
+    const int64_t dl = deadline();
+    size_t done = 0;
+    while (done < len) {
+        const size_t chunk = std::min(len - done, kMaxChunk);
+        const auto n = ::send(sock_, data + done, static_cast<io_len_t>(chunk), kSendFlags);
+        if (n >= 0) {
+            done += static_cast<size_t>(n);
+            continue;
+        }
+        const int err = last_socket_error();
+        if (err == EINTR) continue;
+        if (!would_block(err)) throw make_system_error(err, "send");
+        bool r = false, w = false;
+        wait_io(false, true, dl, r, w);
+    }
+    return len;
+}
+
+size_t Client::recv(char* out, size_t max_bytes) {
+    require_open();
+    if (max_bytes == 0) return 0;
+    const int64_t dl = deadline();
+    for (;;) {
+        const size_t chunk = std::min(max_bytes, kMaxChunk);
+        const auto n = ::recv(sock_, out, static_cast<io_len_t>(chunk), 0);
+        if (n >= 0) return static_cast<size_t>(n);
+        const int err = last_socket_error();
+        if (err == EINTR) continue;
+        if (!would_block(err)) throw make_system_error(err, "recv");
+        bool r = false, w = false;
+        wait_io(true, false, dl, r, w);
+    }
+}
+
+void Client::request(const char* data, size_t len, char* out) {
+    require_open();
+    const int64_t dl = deadline();
+    size_t sent = 0, got = 0;
+    while (got < len) {
+        bool readable = false, writable = false;
+        wait_io(true, sent < len, dl, readable, writable);
+        if (writable && sent < len) {
+            const size_t chunk = std::min(len - sent, kMaxChunk);
+            const auto n = ::send(sock_, data + sent, static_cast<io_len_t>(chunk), kSendFlags);
+            if (n >= 0) {
+                sent += static_cast<size_t>(n);
+            } else {
+                const int err = last_socket_error();
+                if (!would_block(err) && err != EINTR) throw make_system_error(err, "send");
+            }
+        }
+        if (readable) {
+            const size_t chunk = std::min(len - got, kMaxChunk);
+            const auto n = ::recv(sock_, out + got, static_cast<io_len_t>(chunk), 0);
+            if (n == 0) {
+                throw SystemError(ECONNRESET,
+                                  "connection closed by the server after " + std::to_string(got) +
+                                      " of " + std::to_string(len) + " bytes");
+            }
+            if (n > 0) {
+                got += static_cast<size_t>(n);
+            } else {
+                const int err = last_socket_error();
+                if (!would_block(err) && err != EINTR) throw make_system_error(err, "recv");
+            }
+        }
+    }
+}
+
+void Client::shutdown_write() {
+    require_open();
+#ifdef _WIN32
+    const int how = SD_SEND;
+#else
+    const int how = SHUT_WR;
+#endif  // _WIN32
+    if (::shutdown(sock_, how) != 0) throw make_system_error(last_socket_error(), "shutdown");
+}
+
+}  // namespace iocpnative

@@ -1,0 +1,69 @@
+// Connection: one accepted socket and the state the echo state machine keeps for it.
+//
+// Invariant of the state machine (the seed's read -> write -> read rhythm): at most one Recv or
+// Send is in flight per connection, so a connection's events are handled by one thread at a
+// time even when completions may arrive on any worker (IOCP). That rhythm is also the
+// backpressure: while a write waits for a slow reader, nothing more is read from that peer.
+//
+// A Connection is freed only when it is closing and `ops_in_flight` is 0, i.e. after the
+// completion of every operation posted for it has been handled (the cancellation ones included).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "iocpnative/platform.hpp"
+
+namespace iocpnative {
+
+struct IoData;
+
+struct Connection {
+    socket_t sock = kInvalidSocket;
+    uint64_t id = 0;
+    int owner = 0;              // index of the ConnectionTable that lists it
+    uint32_t ops_in_flight = 0; // posted, completion not yet handled
+    bool closing = false;       // close() has been called; no new operation may be posted
+    // Set from another thread (stop, idle scan) to ask the thread handling the connection's
+    // events to close it (IOCP: completions of one connection may run on any worker).
+    std::atomic<bool> close_requested{false};
+    int64_t last_active_ms = 0;
+    // Backend-private per-connection state (epoll: readiness and the waiting operation).
+    uint32_t backend_flags = 0;
+    IoData* backend_io = nullptr;
+    // Reply bytes a handler produced beyond what one IoData carries (issue: Python handlers).
+    std::unique_ptr<std::string> pending_out;
+    // Intrusive list of the owning table.
+    Connection* prev = nullptr;
+    Connection* next = nullptr;
+};
+
+// The connections one worker owns (or, for a backend with one shared completion queue, all of
+// them, with `shared` set so that add/remove/visit take a lock). Used on accept, on close and by
+// stop()/idle scans; never per message.
+class ConnectionTable {
+public:
+    explicit ConnectionTable(bool shared) : shared_(shared) {}
+    void add(Connection* c);
+    void remove(Connection* c);
+    size_t size() const { return size_.load(std::memory_order_relaxed); }
+    bool empty() const { return size() == 0; }
+    // Calls fn(Connection*) for each connection; fn must not add or remove.
+    template <class Fn>
+    void for_each(Fn&& fn) {
+        std::unique_lock<std::mutex> guard(lock_, std::defer_lock);
+        if (shared_) guard.lock();
+        for (Connection* c = head_; c != nullptr; c = c->next) fn(c);
+    }
+
+private:
+    const bool shared_;
+    std::mutex lock_;
+    Connection* head_ = nullptr;
+    std::atomic<size_t> size_{0};
+};
+
+}  // namespace iocpnative

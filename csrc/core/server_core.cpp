@@ -1,0 +1,185 @@
+#include "server_core.hpp"
+
+#include <algorithm>
+#include <chrono>
+#include <stdexcept>
+
+#include "iocpnative/errors.hpp"
+#include "net.hpp"
+#include "worker.hpp"
+
+namespace iocpnative {
+
+void validate(const ServerConfig& cfg) {
+    if (cfg.workers < 0) {
+        throw std::invalid_argument("workers must be >= 1 (or 0/None for one per CPU), got " +
+                                    std::to_string(cfg.workers));
+    }
+    if (cfg.buffer_size < 1 || cfg.buffer_size > (64u << 20)) {
+        throw std::invalid_argument("buffer_size must be between 1 and 67108864 bytes, got " +
+                                    std::to_string(cfg.buffer_size));
+    }
+    if (cfg.max_connections < 1) {
+        throw std::invalid_argument("max_connections must be >= 1, got " +
+                                    std::to_string(cfg.max_connections));
+    }
+    if (!(cfg.idle_timeout >= 0.0)) {
+        throw std::invalid_argument("idle_timeout must be a number of seconds > 0 (or None)");
+    }
+    if (cfg.backlog < 1) throw std::invalid_argument("backlog must be >= 1");
+}
+
+ServerCore::ServerCore(ServerConfig cfg, std::shared_ptr<DataHandler> handler)
+    : cfg_(std::move(cfg)), handler_(std::move(handler)), backend_name_(cfg_.backend) {}
+
+ServerCore::~ServerCore() { free_resources(); }
+
+ServerCore::State ServerCore::state() const {
+    std::lock_guard<std::mutex> g(mu_);
+    return state_;
+}
+
+void ServerCore::start() {
+    std::lock_guard<std::mutex> g(mu_);
+    if (state_ != State::Idle) {
+        throw std::logic_error(state_ == State::Running ? "server is already running"
+                                                        : "a stopped server cannot be restarted; "
+                                                          "create a new Server");
+    }
+    validate(cfg_);
+    const std::string resolved = resolve_backend(cfg_.backend);
+    int workers = cfg_.workers;
+    if (workers == 0) workers = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+
+    net::Listener l = net::listen_tcp(cfg_.host, cfg_.port, cfg_.backlog);
+    try {
+        backend_ = create_backend(resolved);
+        const bool shared = backend_->shared_queue();
+        const int queues = shared ? 1 : workers;
+        for (int i = 0; i < queues; ++i) {
+            pools_.push_back(std::make_unique<IoDataPool>(cfg_.buffer_size, shared));
+            tables_.push_back(std::make_unique<ConnectionTable>(shared));
+        }
+        for (int i = 0; i < workers; ++i) {
+            worker_stats_.push_back(std::make_unique<WorkerStats>());
+            PollerContext ctx;
+            ctx.index = i;
+            ctx.workers = workers;
+            ctx.listener = l.sock;
+            const int q = shared ? 0 : i;
+            ctx.pool = pools_[q].get();
+            workers_.push_back(std::make_unique<Worker>(*this, i, backend_->make_poller(ctx),
+                                                        *pools_[q], *tables_[q],
+                                                        *worker_stats_.back()));
+        }
+    } catch (...) {
+        workers_.clear();
+        backend_.reset();
+        net::close_socket(l.sock);
+        throw;
+    }
+    listener_ = l.sock;
+    port_ = l.port;
+    backend_name_ = resolved;
+    worker_count_ = workers;
+    finished_ = 0;
+    state_ = State::Running;
+    // The threads keep the core alive: stop() may return on a timeout while a handler blocks.
+    auto self = shared_from_this();
+    for (auto& w : workers_) {
+        Worker* wp = w.get();
+        threads_.emplace_back([self, wp] { wp->run(); });
+    }
+}
+
+void ServerCore::worker_finished() {
+    std::lock_guard<std::mutex> g(mu_);
+    ++finished_;
+    finished_cv_.notify_all();
+}
+
+void ServerCore::stop(double timeout_s) {
+    std::unique_lock<std::mutex> g(mu_);
+    if (state_ == State::Idle || state_ == State::Stopped) return;
+    if (state_ == State::Running) {
+        state_ = State::Stopping;
+        stop_requested_.store(true, std::memory_order_release);
+        for (auto& w : workers_) w->poller().wake();  // one wake-up per worker
+    }
+    const auto deadline = std::chrono::steady_clock::now() +
+                          std::chrono::duration<double>(timeout_s < 0 ? 0 : timeout_s);
+    const int total = static_cast<int>(workers_.size());
+    if (!finished_cv_.wait_until(g, deadline, [&] { return finished_ >= total; })) {
+        throw TimeoutError("stop() timed out: " + std::to_string(total - finished_) + " of " +
+                           std::to_string(total) +
+                           " workers still busy (a handler is blocking); call stop() again");
+    }
+    g.unlock();
+    for (auto& t : threads_) {
+        if (t.joinable()) t.join();
+    }
+    g.lock();
+    threads_.clear();
+    free_resources();
+    state_ = State::Stopped;
+}
+
+void ServerCore::free_resources() {
+    if (!threads_.empty()) {
+        // Destroyed with threads still running: only possible if stop() timed out and the owner
+        // dropped the server. The threads hold a reference, so this runs on the last of them.
+        for (auto& t : threads_) {
+            if (t.joinable()) {
+                if (t.get_id() == std::this_thread::get_id()) t.detach(); else t.join();
+            }
+        }
+        threads_.clear();
+    }
+    workers_.clear();  // destroys the pollers (epoll sets, rings, ports)
+    backend_.reset();
+    net::close_socket(listener_);
+    listener_ = kInvalidSocket;
+    for (auto& p : pools_) p->trim();
+}
+
+ServerStats ServerCore::stats() const {
+    std::lock_guard<std::mutex> g(mu_);
+    ServerStats s;
+    for (const auto& w : worker_stats_) {
+        s.total_connections += w->total_connections.load(std::memory_order_relaxed);
+        s.rejected_connections += w->rejected_connections.load(std::memory_order_relaxed);
+        s.bytes_received += w->bytes_received.load(std::memory_order_relaxed);
+        s.bytes_sent += w->bytes_sent.load(std::memory_order_relaxed);
+        s.handler_errors += w->handler_errors.load(std::memory_order_relaxed);
+    }
+    for (const auto& p : pools_) {
+        s.pool_in_use += p->in_use();
+        s.pool_allocated += p->allocated();
+    }
+    s.active_connections = active_.load(std::memory_order_relaxed);
+    return s;
+}
+
+// --- Server: the public face ------------------------------------------------------------------
+
+Server::Server(ServerConfig cfg, std::shared_ptr<DataHandler> handler)
+    : core_(std::make_shared<ServerCore>(std::move(cfg), std::move(handler))) {}
+
+Server::~Server() {
+    try {
+        core_->stop(30.0);
+    } catch (...) {
+        // The workers keep their own reference to the core and free it when they finish.
+    }
+}
+
+void Server::start() { core_->start(); }
+void Server::stop(double timeout_s) { core_->stop(timeout_s); }
+bool Server::running() const { return core_->state() == ServerCore::State::Running; }
+uint16_t Server::port() const { return core_->port(); }
+const std::string& Server::host() const { return core_->config().host; }
+const std::string& Server::backend() const { return core_->backend_name(); }
+int Server::workers() const { return core_->worker_count(); }
+ServerStats Server::stats() const { return core_->stats(); }
+
+}  // namespace iocpnative

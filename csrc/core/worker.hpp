@@ -1,0 +1,62 @@
+// Worker: one native thread running the completion loop and the echo state machine.
+//
+//   Recv completed, n > 0  -> post Send of exactly those n bytes (or of the handler's reply)
+//   Send completed         -> post the rest if it was short, else post the next Recv
+//   Recv 0 / any error     -> close the connection; its IoData goes back to the pool
+//
+// This is the seed's WorkerThread, written once for every backend.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include "../backend/backend.hpp"
+#include "connection.hpp"
+#include "io_data.hpp"
+#include "stats.hpp"
+
+namespace iocpnative {
+
+class ServerCore;
+
+class Worker {
+public:
+    Worker(ServerCore& core, int index, std::unique_ptr<Poller> poller, IoDataPool& pool,
+           ConnectionTable& table, WorkerStats& stats);
+    ~Worker();
+    void run() noexcept;  // thread body; returns after stop() once everything has drained
+    Poller& poller() { return *poller_; }
+
+private:
+    void loop();
+    void dispatch(const Event& ev);
+    void on_accepted(socket_t s);
+    void on_recv(Connection& c, IoData* io, int64_t result);
+    void on_send(Connection& c, IoData& io, int64_t result);
+    bool reply_with_handler(Connection& c, IoData& io);
+    bool fill_from_pending(Connection& c, IoData& io);
+    void post_recv(Connection& c);
+    void post_send(Connection& c, IoData& io);
+    void close_connection(Connection& c);
+    void op_done(Connection& c);
+    void op_done_check(Connection& c);
+    void begin_drain();
+    void scan_idle();
+    int wait_timeout_ms() const;
+    void log_connect(const Connection& c) const;
+
+    ServerCore& core_;
+    const int index_;
+    std::unique_ptr<Poller> poller_;
+    IoDataPool& pool_;
+    ConnectionTable& table_;
+    WorkerStats& stats_;
+    bool draining_ = false;
+    int64_t now_ms_ = 0;
+    int64_t idle_ms_ = 0;  // idle timeout in ms, 0 = never
+    int64_t next_idle_scan_ms_ = 0;
+};
+
+int64_t monotonic_ms() noexcept;
+
+}  // namespace iocpnative

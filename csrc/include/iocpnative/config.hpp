@@ -1,0 +1,39 @@
+// Server configuration and the statistics snapshot, as seen by every front end
+// (Python bindings, native tools, C++ tests).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace iocpnative {
+
+struct ServerConfig {
+    std::string host = "127.0.0.1";
+    uint16_t port = 6000;          // 0 picks a free port
+    int workers = 0;               // 0 = number of CPUs
+    std::string backend = "auto";  // "auto", "epoll", "io_uring", "iocp"
+    size_t buffer_size = 16384;    // bytes per IoData buffer (one recv at most this much)
+    size_t max_connections = 10000;
+    double idle_timeout = 0.0;  // seconds; <= 0 means never
+    bool verbose = false;       // log connects and disconnects to stderr, like the seed
+    int backlog = 1024;
+};
+
+// Counters summed over the workers at the moment of reading. Readable before, during and after
+// stop(); after a clean stop pool_in_use and pool_allocated are 0.
+struct ServerStats {
+    int64_t active_connections = 0;
+    int64_t total_connections = 0;
+    int64_t rejected_connections = 0;
+    int64_t bytes_received = 0;
+    int64_t bytes_sent = 0;
+    int64_t pool_in_use = 0;     // IoData handed out and not yet returned
+    int64_t pool_allocated = 0;  // IoData blocks allocated (in use + cached free)
+    int64_t handler_errors = 0;
+};
+
+// Throws std::invalid_argument naming the bad field and what is allowed.
+void validate(const ServerConfig& cfg);
+
+}  // namespace iocpnative

@@ -1,0 +1,26 @@
+"""iocpnative: a completion-port TCP echo server and client with a native C++ core.
+
+Windows uses an I/O completion port (IOCP); Linux uses io_uring, or epoll emulated into
+completions where io_uring is unavailable. Python starts and stops the server and drives the
+client; every byte is moved by native worker threads that never hold the GIL.
+"""
+
+from __future__ import annotations
+
+from . import _native
+from ._backends import BackendStatus, available_backends, backend_statuses
+from ._client import Client, run_client_loop
+from ._server import Server, ServerStats
+
+__version__: str = _native.__version__
+
+__all__ = [
+    "BackendStatus",
+    "Client",
+    "Server",
+    "ServerStats",
+    "__version__",
+    "available_backends",
+    "backend_statuses",
+    "run_client_loop",
+]

@@ -1,0 +1,49 @@
+"""Argument checks shared by Server, Client and the CLI: ValueError before any socket exists."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+KNOWN_BACKENDS = ("auto", "iocp", "io_uring", "epoll")
+
+
+def check_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, numbers.Integral):
+        raise ValueError(f"port must be an integer in 0..65535, got {port!r}")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"port must be in 0..65535, got {port}")
+    return int(port)
+
+
+def check_positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def check_timeout(name: str, value: object, *, allow_none: bool) -> float | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise ValueError(f"{name} must be a number of seconds > 0, got None")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    v = float(value)
+    if not v > 0 or math.isinf(v) or math.isnan(v):
+        raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
+    return v
+
+
+def check_host(host: object) -> str:
+    if not isinstance(host, str) or not host:
+        raise ValueError(f"host must be a non-empty string, got {host!r}")
+    return host
+
+
+def check_backend(backend: object) -> str:
+    if backend not in KNOWN_BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(repr(b) for b in KNOWN_BACKENDS)}, got {backend!r}"
+        )
+    return str(backend)

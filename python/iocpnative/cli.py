@@ -1,0 +1,144 @@
+"""Command line: ``python -m iocpnative {server,client,demo,info}`` (also the ``iocpnative`` script).
+
+Errors print one line to stderr and exit non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from ._backends import backend_statuses
+from ._client import run_client_loop
+from ._server import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CONNECTIONS, Server, ServerStats
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _print_stats(stats: ServerStats, file=None) -> None:
+    out = file or sys.stdout
+    print("final stats: " + " ".join(f"{k}={v}" for k, v in stats.as_dict().items()), file=out)
+
+
+def _add_server_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=6000, help="port (0 = any free port; default 6000)")
+    p.add_argument("--workers", type=int, default=None, help="worker threads (default: CPUs)")
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "iocp", "io_uring", "epoll"],
+        help="I/O backend (default auto)",
+    )
+    p.add_argument("--buffer-size", type=int, default=DEFAULT_BUFFER_SIZE)
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
+    p.add_argument(
+        "--idle-timeout", type=float, default=None, help="close connections idle this many seconds"
+    )
+
+
+def _make_server(args: argparse.Namespace, port: int | None = None) -> Server:
+    return Server(
+        args.host,
+        args.port if port is None else port,
+        workers=args.workers,
+        backend=args.backend,
+        buffer_size=args.buffer_size,
+        max_connections=args.max_connections,
+        idle_timeout=args.idle_timeout,
+        verbose=getattr(args, "verbose", False),
+    )
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    srv = _make_server(args)
+    srv.start()
+    print(
+        f"iocpnative {__version__} listening on {srv.host}:{srv.port} "
+        f"(backend {srv.backend}, {srv.workers} workers); Ctrl-C to stop",
+        flush=True,
+    )
+    srv.serve_forever()
+    _print_stats(srv.stats())
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    n = run_client_loop(
+        args.host, args.port, interval=args.interval, count=args.count, timeout=args.timeout
+    )
+    print(f"{n} replies received", flush=True)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    with _make_server(args, port=0) as srv:
+        print(f"server listening on {srv.host}:{srv.port} (backend {srv.backend})", flush=True)
+        n = run_client_loop(srv.host, srv.port, interval=args.interval, count=args.count)
+        print(f"client received {n} of {args.count} replies", flush=True)
+    _print_stats(srv.stats())
+    st = srv.stats()
+    if n != args.count or st.pool_in_use or st.pool_allocated:
+        print("demo: FAILED", file=sys.stderr)
+        return EXIT_ERROR
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print(f"iocpnative {__version__}")
+    print(f"python {platform.python_version()} on {platform.system()} {platform.release()} "
+          f"({platform.machine()})")
+    print("backends (best first):")
+    for st in backend_statuses():
+        state = "available" if st.available else f"unavailable: {st.reason}"
+        print(f"  {st.name:9s} {state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iocpnative", description="Completion-port TCP echo server and client."
+    )
+    parser.add_argument("--version", action="version", version=f"iocpnative {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("server", help="run the echo server until Ctrl-C/SIGTERM")
+    _add_server_options(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="log connects and disconnects")
+    p.set_defaults(func=cmd_server)
+
+    p = sub.add_parser("client", help="the seed's client: send No:1, No:2, ... and print replies")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=6000)
+    p.add_argument("--interval", type=float, default=5.0, help="seconds between messages")
+    p.add_argument("--count", type=int, default=None, help="messages to send (default: forever)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    p.set_defaults(func=cmd_client)
+
+    p = sub.add_parser("demo", help="server on a free port + client loop + stats, in one command")
+    _add_server_options(p)
+    p.set_defaults(port=0)
+    p.add_argument("--count", type=int, default=3)
+    p.add_argument("--interval", type=float, default=0.2)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("info", help="version, platform and backends")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        # TimeoutError and ConnectionError are OSErrors.
+        print(f"iocpnative {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ValueError) else EXIT_ERROR
