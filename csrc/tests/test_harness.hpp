@@ -1,0 +1,93 @@
+// A minimal test runner in the manner of libuv's test/task.h: ASSERT_* macros that report the
+// file, line and values and abort the test, a registry of tests, and a main() that runs one
+// named test (CTest runs each as its own process with a timeout) or all of them.
+// A test that cannot run here returns kSkip; CTest maps exit code 77 to "skipped".
+#pragma once
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace testh {
+
+constexpr int kPass = 0;
+constexpr int kSkip = 77;
+
+struct Test {
+    const char* name;
+    std::function<int()> body;
+};
+
+inline std::vector<Test>& registry() {
+    static std::vector<Test> tests;
+    return tests;
+}
+
+struct Register {
+    Register(const char* name, std::function<int()> body) {
+        registry().push_back({name, std::move(body)});
+    }
+};
+
+[[noreturn]] inline void fail(const char* file, int line, const std::string& what) {
+    std::fprintf(stderr, "%s:%d: assertion failed: %s\n", file, line, what.c_str());
+    std::fflush(stderr);
+    std::abort();
+}
+
+}  // namespace testh
+
+#define TEST_CASE(name)                                                   \
+    static int name();                                                    \
+    static ::testh::Register register_##name(#name, name);               \
+    static int name()
+
+#define ASSERT_TRUE(expr)                                                 \
+    do {                                                                  \
+        if (!(expr)) ::testh::fail(__FILE__, __LINE__, #expr);            \
+    } while (0)
+
+#define ASSERT_OP(a, op, b)                                                                 \
+    do {                                                                                    \
+        const auto va_ = (a);                                                               \
+        const auto vb_ = (b);                                                               \
+        if (!(va_ op vb_)) {                                                                \
+            ::testh::fail(__FILE__, __LINE__,                                               \
+                          std::string(#a " " #op " " #b " (") + std::to_string(va_) +       \
+                              " vs " + std::to_string(vb_) + ")");                          \
+        }                                                                                   \
+    } while (0)
+
+#define ASSERT_EQ(a, b) ASSERT_OP(a, ==, b)
+#define ASSERT_NE(a, b) ASSERT_OP(a, !=, b)
+#define ASSERT_GE(a, b) ASSERT_OP(a, >=, b)
+#define ASSERT_LE(a, b) ASSERT_OP(a, <=, b)
+#define ASSERT_GT(a, b) ASSERT_OP(a, >, b)
+
+// Defines main(): `prog` lists tests, `prog NAME` runs one, `prog --all` runs all in-process.
+#define TEST_MAIN()                                                                     \
+    int main(int argc, char** argv) {                                                   \
+        auto& tests = ::testh::registry();                                              \
+        if (argc < 2) {                                                                 \
+            for (auto& t : tests) std::printf("%s\n", t.name);                          \
+            return 0;                                                                   \
+        }                                                                               \
+        const bool all = std::strcmp(argv[1], "--all") == 0;                            \
+        int ran = 0, rc = 0;                                                            \
+        for (auto& t : tests) {                                                         \
+            if (!all && std::strcmp(t.name, argv[1]) != 0) continue;                    \
+            ++ran;                                                                      \
+            const int r = t.body();                                                     \
+            std::printf("%s %s\n", r == ::testh::kPass ? "ok" : r == ::testh::kSkip ? "skip" : "FAIL", t.name); \
+            if (r != ::testh::kPass && !(r == ::testh::kSkip && !all)) rc = r;          \
+            if (r == ::testh::kSkip && !all) rc = r;                                    \
+        }                                                                               \
+        if (ran == 0) {                                                                 \
+            std::fprintf(stderr, "no test named %s\n", argv[1]);                        \
+            return 2;                                                                   \
+        }                                                                               \
+        return rc;                                                                      \
+    }

@@ -1,0 +1,87 @@
+"""Sessions, one meaning each: ``nox -s build test`` is the README's test command.
+
+build      sdist + wheel into dist/
+test       install the wheel from dist/ (building it if missing), run pytest and the C++ tests
+lint       ruff + clang-format check
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import nox
+
+nox.needs_version = ">=2025.2.9"
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).resolve().parent
+DIST = ROOT / "dist"
+PYPROJECT = nox.project.load_toml(ROOT / "pyproject.toml")
+TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
+JOBS = str(os.cpu_count() or 2)
+
+
+def _wheel() -> Path | None:
+    wheels = sorted(DIST.glob("iocpnative-*.whl"), key=lambda p: p.stat().st_mtime)
+    return wheels[-1] if wheels else None
+
+
+def _cmake_build(
+    session: nox.Session, build_dir: Path, *defines: str, targets: tuple[str, ...] = ()
+) -> None:
+    """Configure and build the core, the C++ tests and the tools with CMake + Ninja."""
+    session.run(
+        "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
+        "-DIOCPNATIVE_PYTHON=OFF", "-DIOCPNATIVE_TESTS=ON", "-DIOCPNATIVE_TOOLS=ON",
+        "-DIOCPNATIVE_WERROR=ON", *defines,
+    )  # fmt: skip
+    session.run("cmake", "--build", str(build_dir), "-j", JOBS, *(("--target", *targets) if targets else ()))
+
+
+@nox.session(reuse_venv=True)
+def build(session: nox.Session) -> None:
+    """Build the sdist and the wheel (from the sdist) into dist/."""
+    session.install("build")
+    shutil.rmtree(DIST, ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", str(DIST), str(ROOT))
+
+
+@nox.session(reuse_venv=True)
+def test(session: nox.Session) -> None:
+    """pytest against the installed wheel, then the C++ tests with CTest."""
+    wheel = _wheel()
+    if wheel is None:
+        session.install("build")
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
+        wheel = _wheel()
+    assert wheel is not None
+    session.install(*TEST_DEPS, "cmake", "ninja")
+    session.install("--force-reinstall", "--no-deps", str(wheel))
+    # Run from tests/ so that `import iocpnative` finds the installed wheel, not python/.
+    session.run(
+        "pytest", *(session.posargs or ["-q"]), "-p", "no:cacheprovider",
+        "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(ROOT / "tests"),
+    )  # fmt: skip
+    build_dir = ROOT / "build" / "ctest"
+    _cmake_build(session, build_dir, "-DCMAKE_BUILD_TYPE=RelWithDebInfo")
+    session.run("ctest", "--test-dir", str(build_dir), "--output-on-failure", "-j", JOBS)
+
+
+@nox.session(reuse_venv=True)
+def lint(session: nox.Session) -> None:
+    """ruff (lint + format check) and clang-format on csrc/."""
+    session.install("ruff", "clang-format")
+    session.run("ruff", "check", "python", "tests", "noxfile.py")
+    session.run("ruff", "format", "--check", "python", "tests", "noxfile.py")
+    sources = sorted(
+        str(p) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".cpp", ".hpp", ".h"}
+    )
+    session.run("clang-format", "--dry-run", "--Werror", *sources)
+
+
+if __name__ == "__main__":
+    sys.exit("run with nox")
