@@ -7,9 +7,10 @@
 namespace iocpnative {
 
 void trigger_test_crash() {
-    // A write through a null pointer the compiler cannot see is null (it is read through a
-    // volatile), so it emits a real store instead of a trap or nothing at all.
-    int* volatile target = nullptr;
+    // A write through a null pointer. Both volatiles are needed: the pointer's, so the compiler
+    // cannot see it is null (and emit a trap instruction instead); the target's, so the store is
+    // not dropped as dead (nothing reads it before abort(), which GCC -O1 and up exploit).
+    volatile int* volatile target = nullptr;
     *target = 0x1dead;
     // Reached only if something handled the fault and resumed: still never return.
     std::abort();
