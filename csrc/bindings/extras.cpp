@@ -5,7 +5,9 @@
 namespace iocpnative {
 namespace bindings {
 
-void register_extras(py::module_& /*m*/) {}
+void register_extras(py::module_& m) {
+    register_crash(m);
+}
 
 }  // namespace bindings
 }  // namespace iocpnative

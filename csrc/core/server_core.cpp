@@ -4,6 +4,7 @@
 #include <chrono>
 #include <stdexcept>
 
+#include "../crash/crash_thread.hpp"
 #include "iocpnative/errors.hpp"
 #include "net.hpp"
 #include "worker.hpp"
@@ -88,7 +89,11 @@ void ServerCore::start() {
     auto self = shared_from_this();
     for (auto& w : workers_) {
         Worker* wp = w.get();
-        threads_.emplace_back([self, wp] { wp->run(); });
+        threads_.emplace_back([self, wp] {
+            // Crash capture runs on the faulting thread: give each worker its reserve stack.
+            crash::prepare_thread();
+            wp->run();
+        });
     }
 }
 

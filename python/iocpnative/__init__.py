@@ -10,6 +10,12 @@ from __future__ import annotations
 from . import _native
 from ._backends import BackendStatus, available_backends, backend_statuses
 from ._client import Client, run_client_loop
+from ._crash import (
+    crash_dump_directory,
+    disable_crash_dumps,
+    enable_crash_dumps,
+    trigger_test_crash,
+)
 from ._server import Server, ServerStats
 
 __version__: str = _native.__version__
@@ -22,5 +28,9 @@ __all__ = [
     "__version__",
     "available_backends",
     "backend_statuses",
+    "crash_dump_directory",
+    "disable_crash_dumps",
+    "enable_crash_dumps",
     "run_client_loop",
+    "trigger_test_crash",
 ]

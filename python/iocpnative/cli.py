@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from . import __version__
 from ._backends import backend_statuses
 from ._client import run_client_loop
+from ._crash import enable_crash_dumps
 from ._server import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CONNECTIONS, Server, ServerStats
 
 EXIT_ERROR = 1
@@ -55,6 +56,9 @@ def _make_server(args: argparse.Namespace, port: int | None = None) -> Server:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
+    if args.crash_dump_dir is not None:
+        where = enable_crash_dumps(args.crash_dump_dir)
+        print(f"crash dumps go to {where}", flush=True)
     srv = _make_server(args)
     srv.start()
     print(
@@ -109,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="run the echo server until Ctrl-C/SIGTERM")
     _add_server_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="log connects and disconnects")
+    p.add_argument(
+        "--crash-dump-dir",
+        metavar="DIR",
+        default=None,
+        help="on a native crash, write a report (Linux .crash, Windows .dmp) into DIR",
+    )
     p.set_defaults(func=cmd_server)
 
     p = sub.add_parser("client", help="the seed's client: send No:1, No:2, ... and print replies")

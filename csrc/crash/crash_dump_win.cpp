@@ -1,0 +1,323 @@
+// Crash capture on Windows: an unhandled-exception filter has a minidump written with dbghelp's
+// MiniDumpWriteDump, then lets the process die with the same exception code.
+//
+// Needs: Windows 7 or later (_WIN32_WINNT 0x0601), dbghelp.dll (MiniDumpWriteDump, shipped with
+// Windows since XP). Built and run here with MinGW-w64 under wine, which implements
+// SetUnhandledExceptionFilter and MiniDumpWriteDump; MSVC builds are unverified.
+//
+// The dump is written by a thread of our own, created at enable time, while the faulting thread
+// waits. Microsoft's documentation of MiniDumpWriteDump advises exactly this (a dump written on
+// the faulting thread cannot show that thread's stack faithfully, and after a stack overflow
+// there is no stack left to call it on). Nothing on the way allocates: the heap may be what is
+// corrupt. The path prefix is prepared at enable time.
+//
+// Not caught: a fault while a debugger is attached (it gets the exception instead), /GS buffer
+// overrun checks and invalid-parameter reports of the MSVC CRT (they reset the filter before
+// terminating), and abort() (a CRT signal, not an SEH exception).
+#ifdef _WIN32
+
+#include "iocpnative/platform.hpp"  // windows.h, lean
+
+#include <dbghelp.h>
+
+#include <cerrno>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "crash_text.hpp"
+#include "crash_thread.hpp"
+#include "iocpnative/crash_dump.hpp"
+#include "iocpnative/errors.hpp"
+
+namespace iocpnative {
+
+namespace {
+
+constexpr DWORD kPathMax = 32768;  // the longest \\?\ path Windows accepts, in UTF-16 units
+constexpr size_t kNameReserve = 64;
+constexpr DWORD kDumpTimeoutMs = 120 * 1000;
+
+// Written by enable/disable under g_lock. The filter and the dump thread only read; the
+// prefix ("<dir>\iocpnative-") uses two buffers and a published index, as on POSIX, so that
+// re-targeting never rewrites a path the dump thread may be copying. -1: disarmed.
+SRWLOCK g_lock = SRWLOCK_INIT;  // an SRW lock: std::mutex is missing with win32-thread MinGW
+std::string g_directory;
+wchar_t g_prefix[2][kPathMax];
+volatile LONG g_prefix_index = -1;
+bool g_installed = false;
+LPTOP_LEVEL_EXCEPTION_FILTER g_previous_filter = nullptr;
+
+// The request handed from the faulting thread to the dump thread.
+HANDLE g_dump_thread = nullptr;
+HANDLE g_request_event = nullptr;  // auto-reset: a crash wants a dump
+HANDLE g_done_event = nullptr;     // manual-reset: the dump is written (or failed)
+EXCEPTION_POINTERS* volatile g_exception = nullptr;
+volatile DWORD g_fault_thread_id = 0;
+volatile LONG g_reporter = 0;  // the first faulting thread's id claims the single dump
+
+// Win32 file errors -> errno; the rest goes through the core's Winsock/Win32 mapping.
+int errno_from_file_error(DWORD err) noexcept {
+    switch (err) {
+        case ERROR_ACCESS_DENIED:
+        case ERROR_SHARING_VIOLATION:
+            return EACCES;
+        case ERROR_FILE_NOT_FOUND:
+        case ERROR_PATH_NOT_FOUND:
+            return ENOENT;
+        case ERROR_DIRECTORY:
+            return ENOTDIR;
+        case ERROR_ALREADY_EXISTS:
+        case ERROR_FILE_EXISTS:
+            return EEXIST;
+        case ERROR_DISK_FULL:
+            return ENOSPC;
+        case ERROR_WRITE_PROTECT:
+            return EROFS;
+        case ERROR_FILENAME_EXCED_RANGE:
+            return ENAMETOOLONG;
+        case ERROR_INVALID_NAME:
+        case ERROR_BAD_PATHNAME:
+            return EINVAL;
+        default:
+            return errno_from_native(static_cast<int>(err));
+    }
+}
+
+[[noreturn]] void throw_last_error(const std::string& what) {
+    throw make_system_error(errno_from_file_error(GetLastError()), what);
+}
+
+std::wstring widen(const std::string& utf8) {
+    if (utf8.empty()) return std::wstring();
+    const int n = MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, utf8.data(),
+                                      static_cast<int>(utf8.size()), nullptr, 0);
+    if (n <= 0) throw_last_error("crash dump directory is not valid UTF-8: " + utf8);
+    std::wstring out(static_cast<size_t>(n), L'\0');
+    MultiByteToWideChar(CP_UTF8, MB_ERR_INVALID_CHARS, utf8.data(), static_cast<int>(utf8.size()),
+                        &out[0], n);
+    return out;
+}
+
+std::string narrow(const std::wstring& wide) {
+    if (wide.empty()) return std::string();
+    const int n = WideCharToMultiByte(CP_UTF8, 0, wide.data(), static_cast<int>(wide.size()),
+                                      nullptr, 0, nullptr, nullptr);
+    if (n <= 0) throw_last_error("cannot convert the crash dump directory to UTF-8");
+    std::string out(static_cast<size_t>(n), '\0');
+    WideCharToMultiByte(CP_UTF8, 0, wide.data(), static_cast<int>(wide.size()), &out[0], n, nullptr,
+                        nullptr);
+    return out;
+}
+
+std::wstring full_path(const std::wstring& path) {
+    const DWORD n = GetFullPathNameW(path.c_str(), 0, nullptr, nullptr);
+    if (n == 0) throw_last_error("cannot resolve crash dump directory");
+    std::wstring out(n, L'\0');
+    const DWORD len = GetFullPathNameW(path.c_str(), n, &out[0], nullptr);
+    if (len == 0 || len >= n) throw_last_error("cannot resolve crash dump directory");
+    out.resize(len);
+    while (out.size() > 3 && (out.back() == L'\\' || out.back() == L'/')) out.pop_back();
+    return out;
+}
+
+// Where the first component that can be created starts: after "C:\" or "\\server\share\".
+size_t root_length(const std::wstring& p) {
+    if (p.size() >= 2 && p[0] == L'\\' && p[1] == L'\\') {
+        size_t pos = 2;
+        for (int seps = 0; seps < 2 && pos != std::wstring::npos; ++seps) {
+            pos = p.find_first_of(L"\\/", pos + 1);
+        }
+        return pos == std::wstring::npos ? p.size() : pos;
+    }
+    return p.size() >= 3 && p[1] == L':' ? 3 : 0;
+}
+
+// mkdir -p on an absolute path: ENOTDIR when a component exists and is not a directory.
+void make_directories(const std::wstring& dir) {
+    for (size_t pos = root_length(dir); pos != std::wstring::npos;) {
+        pos = dir.find_first_of(L"\\/", pos + 1);
+        const std::wstring part = dir.substr(0, pos);
+        const DWORD attrs = GetFileAttributesW(part.c_str());
+        if (attrs != INVALID_FILE_ATTRIBUTES) {
+            if ((attrs & FILE_ATTRIBUTE_DIRECTORY) != 0) continue;
+            throw make_system_error(ENOTDIR, "crash dump path is not a directory: " + narrow(part));
+        }
+        if (!CreateDirectoryW(part.c_str(), nullptr) && GetLastError() != ERROR_ALREADY_EXISTS) {
+            throw_last_error("cannot create crash dump directory " + narrow(part));
+        }
+    }
+}
+
+// Proves the directory writable by creating (and deleting on close) a probe file in it.
+void check_writable(const std::wstring& dir) {
+    const std::wstring probe =
+        dir + L"\\iocpnative-probe-" + std::to_wstring(GetCurrentProcessId()) + L".tmp";
+    HANDLE h = CreateFileW(probe.c_str(), GENERIC_WRITE, 0, nullptr, CREATE_ALWAYS,
+                           FILE_ATTRIBUTE_TEMPORARY | FILE_FLAG_DELETE_ON_CLOSE, nullptr);
+    if (h == INVALID_HANDLE_VALUE) {
+        throw_last_error("crash dump directory is not writable: " + narrow(dir));
+    }
+    CloseHandle(h);
+}
+
+// "<prefix><pid>-<YYYYMMDDTHHMMSSZ>.dmp" into `out` (kPathMax wide characters).
+bool dump_path(int prefix_index, wchar_t* out) noexcept {
+    SYSTEMTIME st;
+    GetSystemTime(&st);
+    crash_text::Civil now{};
+    now.year = st.wYear;
+    now.month = st.wMonth;
+    now.day = st.wDay;
+    now.hour = st.wHour;
+    now.minute = st.wMinute;
+    now.second = st.wSecond;
+    char name[kNameReserve];
+    crash_text::Text t(name, sizeof name);
+    t.put_dec(static_cast<int64_t>(GetCurrentProcessId()));
+    t.put("-");
+    t.put_compact_time(now);
+    t.put(".dmp");
+    if (t.truncated()) return false;
+    size_t n = 0;
+    for (const wchar_t* p = g_prefix[prefix_index]; *p != L'\0' && n + 1 < kPathMax; ++p) {
+        out[n++] = *p;
+    }
+    for (const char* p = t.c_str(); *p != '\0' && n + 1 < kPathMax; ++p) {
+        out[n++] = static_cast<wchar_t>(*p);
+    }
+    out[n] = L'\0';
+    return true;
+}
+
+void write_dump() noexcept {
+    const LONG prefix_index = g_prefix_index;
+    if (prefix_index < 0) return;
+    static wchar_t path[kPathMax];  // only the dump thread uses it, once
+    if (!dump_path(static_cast<int>(prefix_index), path)) return;
+    HANDLE file =
+        CreateFileW(path, GENERIC_WRITE, 0, nullptr, CREATE_NEW, FILE_ATTRIBUTE_NORMAL, nullptr);
+    if (file == INVALID_HANDLE_VALUE) return;  // nowhere to write: the process still dies
+    MINIDUMP_EXCEPTION_INFORMATION info;
+    info.ThreadId = g_fault_thread_id;
+    info.ExceptionPointers = g_exception;
+    info.ClientPointers = FALSE;  // the pointers are in this process
+    // Every thread's stack and context is in every minidump; these add thread times and entry
+    // points, the memory that registers and stack slots point at (to follow a pointer in the
+    // debugger), and the modules unloaded before the crash.
+    const auto type =
+        static_cast<MINIDUMP_TYPE>(MiniDumpWithThreadInfo | MiniDumpWithIndirectlyReferencedMemory |
+                                   MiniDumpWithUnloadedModules);
+    MiniDumpWriteDump(GetCurrentProcess(), GetCurrentProcessId(), file, type,
+                      g_exception != nullptr ? &info : nullptr, nullptr, nullptr);
+    FlushFileBuffers(file);
+    CloseHandle(file);
+}
+
+DWORD WINAPI dump_thread_main(LPVOID) {
+    for (;;) {
+        if (WaitForSingleObject(g_request_event, INFINITE) != WAIT_OBJECT_0) return 1;
+        write_dump();
+        SetEvent(g_done_event);
+    }
+}
+
+LONG WINAPI on_unhandled_exception(EXCEPTION_POINTERS* exception) {
+    const auto tid = static_cast<LONG>(GetCurrentThreadId());
+    // One dump per process: the first faulting thread writes it; any other thread that faults
+    // meanwhile waits for that dump before it lets the process die.
+    const LONG owner = InterlockedCompareExchange(&g_reporter, tid, 0);
+    if (owner == 0 && g_prefix_index >= 0) {
+        g_exception = exception;
+        g_fault_thread_id = GetCurrentThreadId();
+        SetEvent(g_request_event);
+        WaitForSingleObject(g_done_event, kDumpTimeoutMs);
+    } else if (owner != 0 && owner != tid) {
+        WaitForSingleObject(g_done_event, kDumpTimeoutMs);
+    }
+    // Chain to the filter installed before ours; with none, EXCEPTION_CONTINUE_SEARCH lets the
+    // system end the process with this exception's code (and Windows Error Reporting run).
+    if (g_previous_filter != nullptr) return g_previous_filter(exception);
+    return EXCEPTION_CONTINUE_SEARCH;
+}
+
+void start_dump_thread_locked() {
+    if (g_dump_thread != nullptr) return;
+    g_request_event = CreateEventW(nullptr, FALSE, FALSE, nullptr);
+    g_done_event = CreateEventW(nullptr, TRUE, FALSE, nullptr);
+    if (g_request_event == nullptr || g_done_event == nullptr) {
+        const DWORD err = GetLastError();
+        if (g_request_event != nullptr) CloseHandle(g_request_event);
+        if (g_done_event != nullptr) CloseHandle(g_done_event);
+        g_request_event = g_done_event = nullptr;
+        throw make_system_error(errno_from_file_error(err), "CreateEvent for the crash handler");
+    }
+    // A small stack is enough for MiniDumpWriteDump; the thread lives as long as the process.
+    g_dump_thread = CreateThread(nullptr, 256 * 1024, dump_thread_main, nullptr,
+                                 STACK_SIZE_PARAM_IS_A_RESERVATION, nullptr);
+    if (g_dump_thread == nullptr) throw_last_error("CreateThread for the crash handler");
+}
+
+class Locked {
+  public:
+    Locked() noexcept { AcquireSRWLockExclusive(&g_lock); }
+    ~Locked() { ReleaseSRWLockExclusive(&g_lock); }
+    Locked(const Locked&) = delete;
+    Locked& operator=(const Locked&) = delete;
+};
+
+}  // namespace
+
+void crash::prepare_thread() noexcept {
+    // Keep this much stack for the exception filter after a stack overflow. A failure only
+    // costs the dump of a stack overflow on this thread, so it is not reported.
+    ULONG reserve = 32 * 1024;
+    SetThreadStackGuarantee(&reserve);
+}
+
+void enable_crash_dumps(const std::string& directory) {
+    if (directory.empty()) throw std::invalid_argument("crash dump directory must not be empty");
+    const std::wstring abs = full_path(widen(directory));
+    make_directories(abs);
+    check_writable(abs);
+    if (abs.size() + kNameReserve >= kPathMax) {
+        throw make_system_error(ENAMETOOLONG, "crash dump directory path too long");
+    }
+    Locked lock;
+    start_dump_thread_locked();
+    crash::prepare_thread();
+    const LONG next = g_prefix_index == 0 ? 1 : 0;
+    const std::wstring prefix = abs + L"\\iocpnative-";
+    std::memcpy(g_prefix[next], prefix.c_str(), (prefix.size() + 1) * sizeof(wchar_t));
+    InterlockedExchange(&g_prefix_index, next);
+    if (!g_installed) {
+        g_previous_filter = SetUnhandledExceptionFilter(on_unhandled_exception);
+        g_installed = true;
+    }
+    g_directory = narrow(abs);
+}
+
+void disable_crash_dumps() {
+    Locked lock;
+    InterlockedExchange(&g_prefix_index, -1);
+    g_directory.clear();
+    if (!g_installed) return;
+    // Put the previous filter back only if ours is still the current one; if another filter
+    // replaced ours and chains to it, ours stays in place, disarmed, and passes straight on.
+    LPTOP_LEVEL_EXCEPTION_FILTER current = SetUnhandledExceptionFilter(g_previous_filter);
+    if (current == on_unhandled_exception) {
+        g_installed = false;
+    } else {
+        SetUnhandledExceptionFilter(current);
+    }
+}
+
+std::string crash_dump_directory() {
+    Locked lock;
+    return g_directory;
+}
+
+}  // namespace iocpnative
+
+#endif  // _WIN32
