@@ -148,11 +148,16 @@ def reset_close(s: socket.socket) -> None:
 
 
 def is_closed_by_peer(s: socket.socket) -> bool:
-    """True when the peer has closed ``s`` (EOF or reset), False while it is still open."""
+    """True when the peer has closed ``s`` (EOF or reset), False while it is still open.
+
+    Reads and discards whatever data is pending, so an echo still queued does not hide the EOF.
+    """
     previous = s.gettimeout()
     s.setblocking(False)
     try:
-        return s.recv(1, socket.MSG_PEEK) == b""
+        while s.recv(1 << 20):
+            pass
+        return True
     except BlockingIOError:
         return False
     except (ConnectionResetError, ConnectionAbortedError):
