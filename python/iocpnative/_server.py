@@ -99,10 +99,11 @@ class Server:
 
     def start(self) -> Server:
         """Bind, listen and start the workers; returns self. Raises RuntimeError if started twice."""
+        # Cleared first: a signal that serve_forever() catches while the workers start is kept.
+        self._stop_event.clear()
         self._native.start()
         self._backend = self._native.backend
         self._workers = self._native.workers
-        self._stop_event.clear()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -117,14 +118,16 @@ class Server:
         finally:
             self._stop_event.set()
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    def serve_forever(
+        self, poll_interval: float = 0.5, *, ready: Callable[[], object] | None = None
+    ) -> None:
         """Block until ``stop()`` is called from another thread, or SIGINT/SIGTERM arrives.
 
         Then stop gracefully. Signal handlers are installed only when called from the main
-        thread, and the previous ones are restored afterwards.
+        thread, before the server starts, and the previous ones are restored afterwards.
+        ``ready()`` is called once the server is running with the handlers in place, so what it
+        announces (e.g. "listening on ...") is true: a signal from then on stops gracefully.
         """
-        if not self.running:
-            self.start()
         previous: dict[int, Any] = {}
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -134,6 +137,10 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
+            if not self.running:
+                self.start()
+            if ready is not None:
+                ready()
             while not self._stop_event.wait(poll_interval):
                 if not self.running:
                     break

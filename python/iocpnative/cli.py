@@ -60,13 +60,16 @@ def cmd_server(args: argparse.Namespace) -> int:
         where = enable_crash_dumps(args.crash_dump_dir)
         print(f"crash dumps go to {where}", flush=True)
     srv = _make_server(args)
-    srv.start()
-    print(
-        f"iocpnative {__version__} listening on {srv.host}:{srv.port} "
-        f"(backend {srv.backend}, {srv.workers} workers); Ctrl-C to stop",
-        flush=True,
-    )
-    srv.serve_forever()
+
+    def announce() -> None:
+        print(
+            f"iocpnative {__version__} listening on {srv.host}:{srv.port} "
+            f"(backend {srv.backend}, {srv.workers} workers); Ctrl-C to stop",
+            flush=True,
+        )
+
+    # Announced only once SIGINT/SIGTERM are handled, so a signal right after it stops cleanly.
+    srv.serve_forever(ready=announce)
     _print_stats(srv.stats())
     return 0
 
