@@ -12,6 +12,9 @@ from typing import Any
 
 from . import _native
 from ._validate import (
+    MAX_BUFFER_SIZE,
+    MAX_CONNECTIONS,
+    MAX_WORKERS,
     check_backend,
     check_host,
     check_port,
@@ -73,10 +76,10 @@ class Server:
     ) -> None:
         self._host = check_host(host)
         self._port = check_port(port)
-        w = 0 if workers is None else check_positive_int("workers", workers)
+        w = 0 if workers is None else check_positive_int("workers", workers, MAX_WORKERS)
         check_backend(backend)
-        buffer_size = check_positive_int("buffer_size", buffer_size)
-        max_connections = check_positive_int("max_connections", max_connections)
+        buffer_size = check_positive_int("buffer_size", buffer_size, MAX_BUFFER_SIZE)
+        max_connections = check_positive_int("max_connections", max_connections, MAX_CONNECTIONS)
         idle = check_timeout("idle_timeout", idle_timeout, allow_none=True)
         if handler is not None:
             raise NotImplementedError("Python handlers are not supported yet")
