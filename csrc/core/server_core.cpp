@@ -125,6 +125,13 @@ void ServerCore::stop(double timeout_s) {
                            std::to_string(total) +
                            " workers still busy (a handler is blocking); call stop() again");
     }
+    if (joining_) {
+        // Another stop() is joining the (finished) threads and freeing the pool; two joins of
+        // one thread are undefined behaviour, so wait for that stop() to finish instead.
+        finished_cv_.wait(g, [&] { return state_ == State::Stopped; });
+        return;
+    }
+    joining_ = true;
     g.unlock();
     for (auto& t : threads_) {
         if (t.joinable()) t.join();
@@ -133,6 +140,8 @@ void ServerCore::stop(double timeout_s) {
     threads_.clear();
     free_resources();
     state_ = State::Stopped;
+    joining_ = false;
+    finished_cv_.notify_all();
 }
 
 void ServerCore::free_resources() {
