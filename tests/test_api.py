@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import errno
 import math
+import os
+import signal
 import socket
 import sys
 import threading
 import time
 
 import pytest
-from conftest import assert_drained, is_closed_by_peer, raw_connect, recv_exactly, wait_until
 
 import iocpnative
+from conftest import assert_drained, is_closed_by_peer, raw_connect, recv_exactly, wait_until
 
 
 def test_version_is_a_string() -> None:
@@ -259,3 +261,66 @@ def test_ipv6_host(make_server) -> None:
         assert recv_exactly(s, 9) == b"over ipv6"
     with iocpnative.Client("::1", srv.port) as cli:
         assert cli.request(b"client v6") == b"client v6"
+
+
+def test_concurrent_stops_all_return_after_the_drain(make_server) -> None:
+    errors: list[BaseException] = []
+    for _ in range(20):
+        srv = make_server()
+        clients = [iocpnative.Client(port=srv.port) for _ in range(3)]
+        barrier = threading.Barrier(3)
+
+        def stop(srv: iocpnative.Server = srv, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait(timeout=5.0)
+            try:
+                srv.stop()
+                assert_drained(srv)  # whichever stop() returns, the work is done
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=stop, daemon=True) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10.0)
+        for cli in clients:
+            cli.close()
+        assert not any(t.is_alive() for t in threads), "a concurrent stop() hangs"
+        assert not errors, errors
+
+
+def test_serve_forever_until_stop_from_another_thread(make_server) -> None:
+    srv = make_server(start=False)
+    seen: list[int] = []
+    served = threading.Thread(
+        target=srv.serve_forever, kwargs={"poll_interval": 0.05, "ready": lambda: seen.append(1)}
+    )
+    served.start()
+    wait_until(lambda: srv.running and seen, what="serve_forever running")
+    with iocpnative.Client(port=srv.port) as cli:
+        assert cli.request(b"forever") == b"forever"
+        srv.stop()
+    served.join(10.0)
+    assert not served.is_alive()
+    assert_drained(srv)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_serve_forever_stops_gracefully_on_signal(make_server, sig: int) -> None:
+    srv = make_server(start=False)
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def send_signal_when_serving() -> None:
+        wait_until(lambda: srv.running, what="serving")
+        with iocpnative.Client(port=srv.port) as cli:
+            assert cli.request(b"signalled") == b"signalled"
+            os.kill(os.getpid(), sig)
+            wait_until(lambda: not srv.running, what="stopped by the signal")
+
+    t = threading.Thread(target=send_signal_when_serving)
+    t.start()
+    srv.serve_forever(poll_interval=0.05)  # main thread: its signal handlers are installed
+    t.join(10.0)
+    assert_drained(srv)
+    assert srv.stats().total_connections == 1
+    assert {s: signal.getsignal(s) for s in before} == before  # previous handlers restored

@@ -12,9 +12,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from conftest import wait_until
 
 import iocpnative
+from conftest import wait_until
 
 CMD = [sys.executable, "-m", "iocpnative"]
 FINAL_STATS = re.compile(r"^final stats: .*\bpool_in_use=0 pool_allocated=0\b", re.M)

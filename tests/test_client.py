@@ -9,9 +9,9 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
-from conftest import recv_exactly, wait_until
 
 import iocpnative
+from conftest import recv_exactly, wait_until
 
 
 def free_closed_port() -> int:
@@ -127,9 +127,8 @@ def test_connection_error_on_short_reply(raw_server) -> None:
         conn.recv(1)
 
     port = raw_server(answer_half)
-    with iocpnative.Client(port=port, timeout=5.0) as cli:
-        with pytest.raises(ConnectionError):
-            cli.request(b"0123456789")
+    with iocpnative.Client(port=port, timeout=5.0) as cli, pytest.raises(ConnectionError):
+        cli.request(b"0123456789")
 
 
 def test_closed_client_raises_oserror(server) -> None:

@@ -101,7 +101,7 @@ class Server:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Server:
-        """Bind, listen and start the workers; returns self. Raises RuntimeError if started twice."""
+        """Bind, listen and start the workers; returns self. RuntimeError if started twice."""
         # Cleared first: a signal that serve_forever() catches while the workers start is kept.
         self._stop_event.clear()
         self._native.start()

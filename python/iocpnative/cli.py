@@ -1,4 +1,4 @@
-"""Command line: ``python -m iocpnative {server,client,demo,info}`` (also the ``iocpnative`` script).
+"""Command line: ``python -m iocpnative {server,client,demo,info}`` (or the ``iocpnative`` script).
 
 Errors print one line to stderr and exit non-zero; no traceback.
 """
@@ -97,8 +97,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     print(f"iocpnative {__version__}")
-    print(f"python {platform.python_version()} on {platform.system()} {platform.release()} "
-          f"({platform.machine()})")
+    print(
+        f"python {platform.python_version()} on {platform.system()} {platform.release()} "
+        f"({platform.machine()})"
+    )
     print("backends (best first):")
     for st in backend_statuses():
         state = "available" if st.available else f"unavailable: {st.reason}"
