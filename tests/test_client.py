@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import errno
 import socket
 import threading
@@ -129,6 +130,20 @@ def test_connection_error_on_short_reply(raw_server) -> None:
     port = raw_server(answer_half)
     with iocpnative.Client(port=port, timeout=5.0) as cli, pytest.raises(ConnectionError):
         cli.request(b"0123456789")
+
+
+def test_bytes_like_payloads(server) -> None:
+    with iocpnative.Client(port=server.port) as cli:
+        ints = array.array("i", [1, -2, 3])
+        assert cli.request(ints) == ints.tobytes()
+        assert cli.request(memoryview(b"abcdef")[1:4]) == b"bcd"
+        strided = memoryview(bytes(range(100)))[::2]
+        for call in (cli.send, cli.request):
+            with pytest.raises(BufferError, match="contiguous"):
+                call(strided)  # never the wrong bytes
+        with pytest.raises(TypeError):
+            cli.send("text is not bytes")  # type: ignore[arg-type]
+        assert cli.request(b"intact") == b"intact"
 
 
 def test_closed_client_raises_oserror(server) -> None:
