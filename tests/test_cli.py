@@ -189,6 +189,30 @@ def test_client_against_cli_server(server_process) -> None:
     assert "total_connections=1" in "\n".join(sp.stdout_lines)
 
 
+def test_client_when_server_stops_midway(server_process) -> None:
+    sp = server_process()
+    cli = subprocess.Popen(
+        [*CMD, "client", "--port", str(sp.port), "--interval", "0.02", "--count", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert cli.stdout is not None
+        assert cli.stdout.readline() == "Recv: No:1\n"
+        sp.proc.send_signal(signal.SIGTERM)
+        assert sp.finish() == 0
+        out, err = cli.communicate(timeout=20)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.communicate()
+    proc = subprocess.CompletedProcess(cli.args, cli.returncode, out, err)
+    # EOF, or a reset if the server's RST beats the read: either way one line, exit 1.
+    assert_one_line_error(proc, "iocpnative client: error:")
+    assert proc.returncode == 1
+
+
 def test_client_unreachable_server() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

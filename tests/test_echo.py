@@ -145,6 +145,31 @@ def test_stop_with_connected_and_busy_clients(
     assert_back_to_baseline(baseline)
 
 
+def test_stop_timeout_under_load_then_stop_again(make_server) -> None:
+    """A stop() that runs out of time raises TimeoutError; calling it again finishes the job."""
+    srv = make_server(buffer_size=1024, workers=2)
+    done = threading.Event()
+
+    def busy() -> None:
+        with iocpnative.Client(port=srv.port, timeout=10.0) as cli, contextlib.suppress(OSError):
+            while not done.is_set():
+                cli.request(bytes(200_000))
+
+    threads = [threading.Thread(target=busy) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: srv.stats().bytes_sent > MiB, what="traffic")
+    try:
+        srv.stop(timeout=1e-6)
+    except TimeoutError:
+        assert not srv.running  # stopping: no longer serving, not yet drained
+    srv.stop()
+    assert_drained(srv)
+    done.set()
+    for t in threads:
+        t.join(10.0)
+
+
 def test_start_stop_loop_returns_to_baseline(backend: str, baseline: Resources) -> None:
     for i in range(15):
         srv = iocpnative.Server(port=0, backend=backend, workers=2, buffer_size=64)
