@@ -101,9 +101,10 @@ void Worker::on_accepted(socket_t s) {
     if (draining_ ||
         active.load(std::memory_order_relaxed) >=
             static_cast<int64_t>(core_.config().max_connections)) {
-        // Accepted and closed at once: the peer sees EOF instead of waiting in a queue.
-        net::close_socket(s);
+        // Accepted and closed at once: the peer sees EOF instead of waiting in a queue. Counted
+        // first, so that a peer which has seen the EOF also sees the count.
         if (!draining_) WorkerStats::add(stats_.rejected_connections, 1);
+        net::close_socket(s);
         return;
     }
     auto* c = new Connection();
@@ -114,9 +115,9 @@ void Worker::on_accepted(socket_t s) {
     net::set_nodelay(s);
     const int err = poller_->attach(*c);
     if (err != 0) {
+        WorkerStats::add(stats_.rejected_connections, 1);
         net::close_socket(s);
         delete c;
-        WorkerStats::add(stats_.rejected_connections, 1);
         return;
     }
     active.fetch_add(1, std::memory_order_relaxed);
