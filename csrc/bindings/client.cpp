@@ -9,8 +9,10 @@ namespace {
 // A contiguous read-only view of any bytes-like object, held while the GIL is released.
 struct Bytes {
     explicit Bytes(const py::buffer& b) : info(b.request()) {
-        if (info.ndim > 1 && !PyBuffer_IsContiguous(info.view(), 'C')) {
-            throw std::invalid_argument("data must be a contiguous bytes-like object");
+        // A strided 1-D view (memoryview(b)[::2]) is not contiguous either: sending size()
+        // bytes from ptr would send the wrong bytes. BufferError, as socket.send() raises.
+        if (!PyBuffer_IsContiguous(info.view(), 'C')) {
+            throw py::buffer_error("data must be a C-contiguous bytes-like object");
         }
     }
     const char* data() const { return static_cast<const char*>(info.ptr); }

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "../core/net.hpp"
+#include "iocpnative/config.hpp"
 #include "iocpnative/errors.hpp"
 
 #ifdef _WIN32
@@ -118,7 +119,8 @@ void Client::require_open() const {
 }
 
 int64_t Client::deadline() const {
-    return timeout_s_ > 0 ? now_ms() + static_cast<int64_t>(timeout_s_ * 1000.0 + 0.5) : -1;
+    if (!(timeout_s_ > 0) || timeout_s_ >= kNeverSeconds) return -1;  // no deadline
+    return now_ms() + static_cast<int64_t>(timeout_s_ * 1000.0 + 0.5);
 }
 
 void Client::wait_io(bool want_read, bool want_write, int64_t deadline_ms, bool& readable,
@@ -131,7 +133,7 @@ void Client::wait_io(bool want_read, bool want_write, int64_t deadline_ms, bool&
         if (deadline_ms >= 0) {
             const int64_t left = deadline_ms - now_ms();
             if (left <= 0) throw TimeoutError("timed out after " + std::to_string(timeout_s_) + " s");
-            wait = static_cast<int>(left);
+            wait = static_cast<int>(std::min<int64_t>(left, int64_t{1} << 30));
         }
         const int n = IOCPNATIVE_POLL(&p, 1, wait);
         if (n < 0) {

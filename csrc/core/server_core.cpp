@@ -111,14 +111,27 @@ void ServerCore::stop(double timeout_s) {
         stop_requested_.store(true, std::memory_order_release);
         for (auto& w : workers_) w->poller().wake();  // one wake-up per worker
     }
-    const auto deadline = std::chrono::steady_clock::now() +
-                          std::chrono::duration<double>(timeout_s < 0 ? 0 : timeout_s);
     const int total = static_cast<int>(workers_.size());
-    if (!finished_cv_.wait_until(g, deadline, [&] { return finished_ >= total; })) {
+    const auto all_finished = [&] { return finished_ >= total; };
+    if (timeout_s >= kNeverSeconds) {
+        finished_cv_.wait(g, all_finished);  // a deadline this far would overflow the clock
+    } else if (!finished_cv_.wait_until(
+                   g,
+                   std::chrono::steady_clock::now() +
+                       std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                           std::chrono::duration<double>(timeout_s < 0 ? 0 : timeout_s)),
+                   all_finished)) {
         throw TimeoutError("stop() timed out: " + std::to_string(total - finished_) + " of " +
                            std::to_string(total) +
                            " workers still busy (a handler is blocking); call stop() again");
     }
+    if (joining_) {
+        // Another stop() is joining the (finished) threads and freeing the pool; two joins of
+        // one thread are undefined behaviour, so wait for that stop() to finish instead.
+        finished_cv_.wait(g, [&] { return state_ == State::Stopped; });
+        return;
+    }
+    joining_ = true;
     g.unlock();
     for (auto& t : threads_) {
         if (t.joinable()) t.join();
@@ -127,6 +140,8 @@ void ServerCore::stop(double timeout_s) {
     threads_.clear();
     free_resources();
     state_ = State::Stopped;
+    joining_ = false;
+    finished_cv_.notify_all();
 }
 
 void ServerCore::free_resources() {

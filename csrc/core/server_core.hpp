@@ -67,6 +67,7 @@ private:
     std::condition_variable finished_cv_;
     int finished_ = 0;
     State state_ = State::Idle;
+    bool joining_ = false;  // one stop() joins the threads and frees; concurrent ones wait for it
 };
 
 }  // namespace iocpnative

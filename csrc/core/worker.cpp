@@ -32,8 +32,10 @@ Worker::Worker(ServerCore& core, int index, std::unique_ptr<Poller> poller, IoDa
       table_(table),
       stats_(stats) {
     const double idle = core_.config().idle_timeout;
-    idle_ms_ = idle > 0 ? static_cast<int64_t>(idle * 1000.0 + 0.5) : 0;
-    if (idle > 0 && idle_ms_ == 0) idle_ms_ = 1;
+    // 0 means never; a tiny timeout still means 1 ms, a huge one (kNeverSeconds) means never.
+    if (idle > 0 && idle < kNeverSeconds) {
+        idle_ms_ = std::max<int64_t>(1, static_cast<int64_t>(idle * 1000.0 + 0.5));
+    }
 }
 
 Worker::~Worker() = default;
@@ -62,7 +64,8 @@ int Worker::wait_timeout_ms() const {
     if (draining_) return 10;  // re-check the drain condition; stop() woke us once already
     if (idle_ms_ == 0) return -1;
     const int64_t left = next_idle_scan_ms_ - monotonic_ms();
-    return left <= 0 ? 0 : static_cast<int>(left);
+    // Long idle timeouts scan rarely; a wait is capped so that the ms count fits in an int.
+    return left <= 0 ? 0 : static_cast<int>(std::min<int64_t>(left, int64_t{1} << 30));
 }
 
 void Worker::loop() {
@@ -98,9 +101,10 @@ void Worker::on_accepted(socket_t s) {
     if (draining_ ||
         active.load(std::memory_order_relaxed) >=
             static_cast<int64_t>(core_.config().max_connections)) {
-        // Accepted and closed at once: the peer sees EOF instead of waiting in a queue.
-        net::close_socket(s);
+        // Accepted and closed at once: the peer sees EOF instead of waiting in a queue. Counted
+        // first, so that a peer which has seen the EOF also sees the count.
         if (!draining_) WorkerStats::add(stats_.rejected_connections, 1);
+        net::close_socket(s);
         return;
     }
     auto* c = new Connection();
@@ -111,9 +115,9 @@ void Worker::on_accepted(socket_t s) {
     net::set_nodelay(s);
     const int err = poller_->attach(*c);
     if (err != 0) {
+        WorkerStats::add(stats_.rejected_connections, 1);
         net::close_socket(s);
         delete c;
-        WorkerStats::add(stats_.rejected_connections, 1);
         return;
     }
     active.fetch_add(1, std::memory_order_relaxed);

@@ -12,6 +12,9 @@ from typing import Any
 
 from . import _native
 from ._validate import (
+    MAX_BUFFER_SIZE,
+    MAX_CONNECTIONS,
+    MAX_WORKERS,
     check_backend,
     check_host,
     check_port,
@@ -73,10 +76,10 @@ class Server:
     ) -> None:
         self._host = check_host(host)
         self._port = check_port(port)
-        w = 0 if workers is None else check_positive_int("workers", workers)
+        w = 0 if workers is None else check_positive_int("workers", workers, MAX_WORKERS)
         check_backend(backend)
-        buffer_size = check_positive_int("buffer_size", buffer_size)
-        max_connections = check_positive_int("max_connections", max_connections)
+        buffer_size = check_positive_int("buffer_size", buffer_size, MAX_BUFFER_SIZE)
+        max_connections = check_positive_int("max_connections", max_connections, MAX_CONNECTIONS)
         idle = check_timeout("idle_timeout", idle_timeout, allow_none=True)
         if handler is not None:
             raise NotImplementedError("Python handlers are not supported yet")
@@ -98,11 +101,12 @@ class Server:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> Server:
-        """Bind, listen and start the workers; returns self. Raises RuntimeError if started twice."""
+        """Bind, listen and start the workers; returns self. RuntimeError if started twice."""
+        # Cleared first: a signal that serve_forever() catches while the workers start is kept.
+        self._stop_event.clear()
         self._native.start()
         self._backend = self._native.backend
         self._workers = self._native.workers
-        self._stop_event.clear()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -117,14 +121,16 @@ class Server:
         finally:
             self._stop_event.set()
 
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
+    def serve_forever(
+        self, poll_interval: float = 0.5, *, ready: Callable[[], object] | None = None
+    ) -> None:
         """Block until ``stop()`` is called from another thread, or SIGINT/SIGTERM arrives.
 
         Then stop gracefully. Signal handlers are installed only when called from the main
-        thread, and the previous ones are restored afterwards.
+        thread, before the server starts, and the previous ones are restored afterwards.
+        ``ready()`` is called once the server is running with the handlers in place, so what it
+        announces (e.g. "listening on ...") is true: a signal from then on stops gracefully.
         """
-        if not self.running:
-            self.start()
         previous: dict[int, Any] = {}
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -134,6 +140,10 @@ class Server:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 previous[sig] = signal.signal(sig, on_signal)
         try:
+            if not self.running:
+                self.start()
+            if ready is not None:
+                ready()
             while not self._stop_event.wait(poll_interval):
                 if not self.running:
                     break

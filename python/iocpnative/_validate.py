@@ -16,9 +16,18 @@ def check_port(port: object) -> int:
     return int(port)
 
 
-def check_positive_int(name: str, value: object) -> int:
+# The native types these values travel in (C int, the core's 64 MiB buffer limit, size_t).
+MAX_WORKERS = 2**31 - 1
+MAX_BUFFER_SIZE = 64 << 20
+MAX_CONNECTIONS = 2**63 - 1
+
+
+def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        allowed = ">= 1" if maximum is None else f"in 1..{maximum}"
+        raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+    if maximum is not None and int(value) > maximum:
+        raise ValueError(f"{name} must be an integer in 1..{maximum}, got {value!r}")
     return int(value)
 
 

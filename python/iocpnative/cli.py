@@ -1,4 +1,4 @@
-"""Command line: ``python -m iocpnative {server,client,demo,info}`` (also the ``iocpnative`` script).
+"""Command line: ``python -m iocpnative {server,client,demo,info}`` (or the ``iocpnative`` script).
 
 Errors print one line to stderr and exit non-zero; no traceback.
 """
@@ -60,13 +60,16 @@ def cmd_server(args: argparse.Namespace) -> int:
         where = enable_crash_dumps(args.crash_dump_dir)
         print(f"crash dumps go to {where}", flush=True)
     srv = _make_server(args)
-    srv.start()
-    print(
-        f"iocpnative {__version__} listening on {srv.host}:{srv.port} "
-        f"(backend {srv.backend}, {srv.workers} workers); Ctrl-C to stop",
-        flush=True,
-    )
-    srv.serve_forever()
+
+    def announce() -> None:
+        print(
+            f"iocpnative {__version__} listening on {srv.host}:{srv.port} "
+            f"(backend {srv.backend}, {srv.workers} workers); Ctrl-C to stop",
+            flush=True,
+        )
+
+    # Announced only once SIGINT/SIGTERM are handled, so a signal right after it stops cleanly.
+    srv.serve_forever(ready=announce)
     _print_stats(srv.stats())
     return 0
 
@@ -94,8 +97,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     print(f"iocpnative {__version__}")
-    print(f"python {platform.python_version()} on {platform.system()} {platform.release()} "
-          f"({platform.machine()})")
+    print(
+        f"python {platform.python_version()} on {platform.system()} {platform.release()} "
+        f"({platform.machine()})"
+    )
     print("backends (best first):")
     for st in backend_statuses():
         state = "available" if st.available else f"unavailable: {st.reason}"

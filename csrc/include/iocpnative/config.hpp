@@ -8,6 +8,10 @@
 
 namespace iocpnative {
 
+// Timeouts at or beyond this many seconds (about 31 years) mean "never". Converting larger ones
+// to milliseconds or to steady_clock ticks would overflow their integer types.
+constexpr double kNeverSeconds = 1e9;
+
 struct ServerConfig {
     std::string host = "127.0.0.1";
     uint16_t port = 6000;          // 0 picks a free port
