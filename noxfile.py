@@ -39,7 +39,9 @@ def _cmake_build(
         "-DIOCPNATIVE_PYTHON=OFF", "-DIOCPNATIVE_TESTS=ON", "-DIOCPNATIVE_TOOLS=ON",
         "-DIOCPNATIVE_WERROR=ON", *defines,
     )  # fmt: skip
-    session.run("cmake", "--build", str(build_dir), "-j", JOBS, *(("--target", *targets) if targets else ()))
+    session.run(
+        "cmake", "--build", str(build_dir), "-j", JOBS, *(("--target", *targets) if targets else ())
+    )
 
 
 @nox.session(reuse_venv=True)
