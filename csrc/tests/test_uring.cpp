@@ -33,7 +33,7 @@ bool uring_available() {
 // Sets IOCPNATIVE_URING_DISABLE for the lifetime of the object (the backend reads it whenever
 // a server starts).
 class DisableFeatures {
-public:
+  public:
     explicit DisableFeatures(const char* list) { ::setenv("IOCPNATIVE_URING_DISABLE", list, 1); }
     ~DisableFeatures() { ::unsetenv("IOCPNATIVE_URING_DISABLE"); }
 };

@@ -86,10 +86,12 @@ unsigned buffer_ring_count(size_t size) {
     return n;
 }
 
-uint64_t tagged(const void* p, uint64_t tag) { return reinterpret_cast<uintptr_t>(p) | tag; }
+uint64_t tagged(const void* p, uint64_t tag) {
+    return reinterpret_cast<uintptr_t>(p) | tag;
+}
 
 class UringPoller final : public Poller {
-public:
+  public:
     explicit UringPoller(const PollerContext& ctx)
         : pool_(*ctx.pool),
           listener_(ctx.listener),
@@ -102,8 +104,8 @@ public:
         if (wake_fd_ < 0) throw make_system_error(errno, "eventfd");
         if (feat_.pbuf_ring) {
             const size_t size = std::min(pool_.buffer_size(), kBufMaxSize);
-            const int rc = bufs_.setup(ring_, kBufGroup, buffer_ring_count(size),
-                                       static_cast<unsigned>(size));
+            const int rc =
+                bufs_.setup(ring_, kBufGroup, buffer_ring_count(size), static_cast<unsigned>(size));
             // EINVAL: a kernel older than 5.19; recvs then bring their own IoData.
             if (rc < 0 && rc != -EINVAL) {
                 ::close(wake_fd_);
@@ -203,7 +205,7 @@ public:
         (void)!::write(wake_fd_, &one, sizeof(one));
     }
 
-private:
+  private:
     // --- queueing SQEs ---------------------------------------------------------------------
 
     // A zeroed SQE to fill. When the SQ is full, submits what is queued (no waiting) and, if
@@ -411,8 +413,7 @@ private:
 
     // --- helpers --------------------------------------------------------------------------
 
-    static bool make_event(Event& ev, Event::Kind kind, Connection& c, IoData* io,
-                           int64_t result) {
+    static bool make_event(Event& ev, Event::Kind kind, Connection& c, IoData* io, int64_t result) {
         ev = Event{};
         ev.kind = kind;
         ev.conn = &c;
@@ -462,7 +463,7 @@ private:
 };
 
 class UringBackend final : public Backend {
-public:
+  public:
     const char* name() const override { return "io_uring"; }
     std::unique_ptr<Poller> make_poller(const PollerContext& ctx) override {
         return std::make_unique<UringPoller>(ctx);
@@ -471,8 +472,12 @@ public:
 
 }  // namespace
 
-std::unique_ptr<Backend> make_uring_backend() { return std::make_unique<UringBackend>(); }
+std::unique_ptr<Backend> make_uring_backend() {
+    return std::make_unique<UringBackend>();
+}
 
-std::string probe_uring() { return uring::probe(); }
+std::string probe_uring() {
+    return uring::probe();
+}
 
 }  // namespace iocpnative

@@ -87,8 +87,10 @@ struct RequiredOp {
     const char* name;
 };
 const RequiredOp kRequiredOps[] = {
-    {IORING_OP_ACCEPT, "ACCEPT (5.5)"},       {IORING_OP_RECV, "RECV (5.6)"},
-    {IORING_OP_SEND, "SEND (5.6)"},           {IORING_OP_READ, "READ (5.6)"},
+    {IORING_OP_ACCEPT, "ACCEPT (5.5)"},
+    {IORING_OP_RECV, "RECV (5.6)"},
+    {IORING_OP_SEND, "SEND (5.6)"},
+    {IORING_OP_READ, "READ (5.6)"},
     {IORING_OP_ASYNC_CANCEL, "ASYNC_CANCEL (5.5)"},
 };
 
@@ -116,8 +118,8 @@ Features features_from_env() {
     if (v == nullptr) return f;
     const std::string s = v;
     auto off = [&](const char* name) {
-        return s == "all" || (',' + s + ',').find(std::string(",") + name + ",") !=
-                                 std::string::npos;
+        return s == "all" ||
+               (',' + s + ',').find(std::string(",") + name + ",") != std::string::npos;
     };
     f.defer_taskrun = !off("defer_taskrun");
     f.single_issuer = !off("single_issuer");
@@ -216,14 +218,14 @@ void Ring::map_rings(const io_uring_params& p) {
     if (single) {
         cq_ring_ = sq_ring_;
     } else {
-        void* cq = ::mmap(nullptr, cq_ring_size_, PROT_READ | PROT_WRITE,
-                          MAP_SHARED | MAP_POPULATE, fd_, IORING_OFF_CQ_RING);
+        void* cq = ::mmap(nullptr, cq_ring_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                          fd_, IORING_OFF_CQ_RING);
         if (cq == MAP_FAILED) throw make_system_error(errno, "mmap(io_uring CQ ring)");
         cq_ring_ = cq;
     }
     sqes_size_ = p.sq_entries * sizeof(io_uring_sqe);
-    void* sqes = ::mmap(nullptr, sqes_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
-                        fd_, IORING_OFF_SQES);
+    void* sqes = ::mmap(nullptr, sqes_size_, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_,
+                        IORING_OFF_SQES);
     if (sqes == MAP_FAILED) throw make_system_error(errno, "mmap(io_uring SQEs)");
     sqes_ = static_cast<io_uring_sqe*>(sqes);
 
@@ -268,9 +270,13 @@ io_uring_sqe* Ring::get_sqe() noexcept {
     return sqe;
 }
 
-unsigned Ring::unsubmitted() const noexcept { return sqe_tail_ - load_acquire(sq_khead_); }
+unsigned Ring::unsubmitted() const noexcept {
+    return sqe_tail_ - load_acquire(sq_khead_);
+}
 
-unsigned Ring::sq_space() const noexcept { return sq_entries_ - unsubmitted(); }
+unsigned Ring::sq_space() const noexcept {
+    return sq_entries_ - unsubmitted();
+}
 
 int Ring::enter(unsigned wait_nr, int timeout_ms) {
     // Release: every SQE written before this store is visible to the kernel, which loads the
@@ -328,13 +334,15 @@ std::string Ring::describe_flags() const {
 
 // --- BufferRing ------------------------------------------------------------------------------
 
-BufferRing::~BufferRing() { release(); }
+BufferRing::~BufferRing() {
+    release();
+}
 
 int BufferRing::setup(Ring& ring, uint16_t group, unsigned count, unsigned size) {
     const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
     array_bytes_ = (count * sizeof(io_uring_buf) + page - 1) / page * page;
-    void* mem = ::mmap(nullptr, array_bytes_, PROT_READ | PROT_WRITE,
-                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void* mem =
+        ::mmap(nullptr, array_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) return -errno;
     data_ = static_cast<char*>(std::malloc(static_cast<size_t>(count) * size));
     if (data_ == nullptr) {
@@ -367,7 +375,9 @@ io_uring_buf* BufferRing::entries() const noexcept {
     return reinterpret_cast<io_uring_buf*>(array_);
 }
 
-uint16_t* BufferRing::tail_word() const noexcept { return &entries()[0].resv; }
+uint16_t* BufferRing::tail_word() const noexcept {
+    return &entries()[0].resv;
+}
 
 void BufferRing::add(unsigned bid, unsigned slot) noexcept {
     // Field by field: entry 0's `resv` shares its bytes with the ring's tail.

@@ -49,7 +49,7 @@ std::string probe();
 // owning worker thread is its only user (after construction, which may happen elsewhere: see
 // enable()).
 class Ring {
-public:
+  public:
     // Sets the ring up disabled (IORING_SETUP_R_DISABLED), trying the flag sets allowed by
     // `feat` best first and falling back on EINVAL. Throws SystemError.
     Ring(unsigned sq_entries, unsigned cq_entries, const Features& feat);
@@ -90,7 +90,7 @@ public:
     // The setup flags in words, for logs and tests ("defer_taskrun single_issuer ...").
     std::string describe_flags() const;
 
-private:
+  private:
     void map_rings(const io_uring_params& p);
     void unmap() noexcept;
 
@@ -124,7 +124,7 @@ private:
 // waiting on an idle connection holds no memory. The ring array is page aligned (mmap), as the
 // kernel requires; the buffers are one block after it.
 class BufferRing {
-public:
+  public:
     BufferRing() = default;
     ~BufferRing();
     BufferRing(const BufferRing&) = delete;
@@ -141,7 +141,7 @@ public:
     // Frees the memory. Only call once the ring is closed or nothing can select a buffer.
     void release() noexcept;
 
-private:
+  private:
     void add(unsigned bid, unsigned slot) noexcept;
     io_uring_buf* entries() const noexcept;
     uint16_t* tail_word() const noexcept;
