@@ -157,6 +157,9 @@ class UringPoller final : public Poller {
         sqe->len = bufs_.size();
         sqe->flags = IOSQE_BUFFER_SELECT;
         sqe->buf_group = bufs_.group();
+        // POLL_FIRST (5.19, as the buffer ring): this recv follows our own reply, so the peer
+        // has rarely answered yet; arming the poll at once saves a recv that would find nothing.
+        sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
         sqe->user_data = tagged(&c, kTagRecvSel);
         c.backend_flags |= kRecvSel;
     }
