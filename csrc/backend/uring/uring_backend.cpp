@@ -3,8 +3,8 @@
 // flags 5.19 / 6.0 / 6.1, and each falls back when the kernel answers EINVAL.
 //
 // One ring per worker; a connection stays on the worker that accepted it. Every worker's ring
-// holds an accept on the shared listener (multishot, re-armed when the kernel ends it; io_uring
-// arms accept polls with EPOLLEXCLUSIVE, so one connection wakes one ring).
+// holds an accept on the shared listener (multishot, re-armed when the kernel ends it; recent
+// kernels arm accept polls with EPOLLEXCLUSIVE, so one connection wakes one ring).
 //
 // user_data, low 3 bits a tag (IoData and Connection are at least 8-byte aligned):
 //   kTagIo       IoData*     recv into the IoData's own buffer, or send (io->op says which)
