@@ -130,6 +130,7 @@ class UringPoller final : public Poller {
         ring_.enable();
         int n = take_ready(out, max);
         flush_backlog();
+        if (!to_close_.empty()) submit_then_close();
         timeout_ms = clamp_for_accept_pause(timeout_ms);
         const bool have = n > 0 || ring_.ready() > 0;
         // Submit and wait in one io_uring_enter. When completions are already waiting and
@@ -137,7 +138,6 @@ class UringPoller final : public Poller {
         if (!have || ring_.unsubmitted() > 0) {
             ring_.enter((have || timeout_ms == 0) ? 0 : 1, timeout_ms);
         }
-        if (backlog_.empty() && ring_.unsubmitted() == 0) close_deferred();
         resume_accept_if_due();
         return n + reap(out + n, max - n);
     }
@@ -439,6 +439,21 @@ class UringPoller final : public Poller {
             head_ = 0;
         }
         return n;
+    }
+
+    // Closes the descriptors of closed connections once every SQE queued before (which may name
+    // them) has reached the kernel, submitting first if needed: before the blocking wait, or a
+    // peer would not see the close until some other completion woke us.
+    void submit_then_close() {
+        for (;;) {
+            const unsigned queued = ring_.unsubmitted();
+            const size_t spilled = backlog_.size();
+            if (queued == 0 && spilled == 0) return close_deferred();
+            ring_.enter(0, 0);
+            flush_backlog();
+            // No progress (EAGAIN/EBUSY): close later, after the next reap.
+            if (ring_.unsubmitted() >= queued && backlog_.size() >= spilled) return;
+        }
     }
 
     void close_deferred() noexcept {
