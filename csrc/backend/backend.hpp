@@ -12,8 +12,10 @@
 //  * Send: sends io->data()[io->offset, io->len); result is the number of bytes this operation
 //    sent (a short send is normal: the core posts the rest) or -errno. io comes back in the Event.
 //  * close(conn) closes the socket. Every operation still in flight for it then completes with a
-//    negative result (-ECANCELED or the OS's error), each exactly once. The core frees the
-//    Connection after the last of those; the backend must not touch it afterwards.
+//    negative result (-ECANCELED or the OS's error), each exactly once; a send the kernel had
+//    already finished when close() came may report its real byte count instead (io_uring, IOCP).
+//    The core frees the Connection after the last of those; the backend must not touch it
+//    afterwards.
 //  * Accepted events carry a new connected socket; the core decides to keep it (attach) or not.
 //  * wake() may be called from any thread; it makes a blocked wait() return soon (one wake-up
 //    per worker is enough: stop() sends exactly one to each).

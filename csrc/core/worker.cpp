@@ -165,12 +165,14 @@ void Worker::on_recv(Connection& c, IoData* io, int64_t result) {
 }
 
 void Worker::on_send(Connection& c, IoData& io, int64_t result) {
+    // Counted even on a closing connection: a completion backend may report a send that the
+    // kernel finished just before close() asked to cancel it, and those bytes did reach the peer.
+    if (result > 0) WorkerStats::add(stats_.bytes_sent, result);
     if (result < 0 || c.closing || c.close_requested.load(std::memory_order_relaxed)) {
         pool_.release(&io);
         if (!c.closing) close_connection(c);
         return op_done(c);
     }
-    WorkerStats::add(stats_.bytes_sent, result);
     io.offset += static_cast<uint32_t>(result);
     --c.ops_in_flight;
     if (io.unsent() > 0) return post_send(c, io);  // a short send: send the rest

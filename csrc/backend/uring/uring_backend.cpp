@@ -1,0 +1,501 @@
+// io_uring backend: the kernel delivers completions as CQEs. Linux >= 5.11 (IORING_FEAT_EXT_ARG,
+// see uring_sys.hpp); multishot accept and provided buffer rings need 5.19, the better setup
+// flags 5.19 / 6.0 / 6.1, and each falls back when the kernel answers EINVAL.
+//
+// One ring per worker; a connection stays on the worker that accepted it. Every worker's ring
+// holds an accept on the shared listener (multishot, re-armed when the kernel ends it; recent
+// kernels arm accept polls with EPOLLEXCLUSIVE, so one connection wakes one ring).
+//
+// user_data, low 3 bits a tag (IoData and Connection are at least 8-byte aligned):
+//   kTagIo       IoData*     recv into the IoData's own buffer, or send (io->op says which)
+//   kTagRecvSel  Connection* recv that picks a buffer from the worker's provided buffer ring
+//   kTagAccept / kTagWake / kTagCancel   the accept, the wake-up read, a cancellation
+// Per connection (Connection::backend_flags), at most one operation is in flight, as the core's
+// read -> write -> read rhythm guarantees: kRecvSel, or kIoOp with backend_io naming the IoData.
+// That one user_data is the key close() cancels by.
+//
+// Idle memory: with a provided buffer ring a recv waiting on a quiet connection holds no buffer;
+// the kernel picks one only when data is there. The bytes are then copied into an IoData from
+// the pool and the buffer goes straight back to the ring. The copy (at most one buffer, far
+// cheaper than the system call that brought it) buys a fixed ring that is always full, and a
+// pool whose counters mean "IoData in flight" as on every other backend. Without a buffer ring
+// (kernel < 5.19), or when the ring runs dry (-ENOBUFS), a recv gets an IoData of its own.
+//
+// Wake-up from other threads: a READ of an eventfd stays posted on the ring and wake() writes
+// the eventfd. IORING_OP_MSG_RING would need a ring on the waking thread (stop() runs on a
+// Python thread that has none) or Linux >= 6.13 for ring-less sending; an eventfd works on every
+// kernel this backend supports. The eventfd is blocking on purpose: io_uring fails a read of an
+// O_NONBLOCK file with -EAGAIN instead of waiting. For the same reason accepted sockets stay
+// blocking and the listener is switched to blocking (older kernels fail an accept on an
+// O_NONBLOCK listener with -EAGAIN; a send on an O_NONBLOCK socket punted to io-wq does too).
+//
+// Shutdown (DESIGN.md): closing an fd does not cancel its requests, since the ring holds its own
+// reference. close() queues an ASYNC_CANCEL keyed by the operation's user_data, and the
+// descriptor itself is closed only once every queued SQE has been submitted: an SQE still in
+// our queue names the fd by number, and a number closed early could be reused by another
+// accept before the SQE reaches the kernel. Keying by user_data is safe against reuse too: the
+// cancel is queued before any later SQE could reuse the IoData or Connection address, and the
+// kernel processes SQEs in order. (IORING_ASYNC_CANCEL_FD, 5.19, would look the fd up at
+// submission and so needs the fd open until then as well; with one operation per connection
+// the user_data key is as good and works on every kernel.) stop_accepting() cancels the accept
+// and the wake-up read; quiescent() is true only when no accept, wake-up read or cancellation is
+// in flight, so the worker frees nothing while the kernel may still complete into it.
+#include <errno.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "../../core/net.hpp"
+#include "../../core/worker.hpp"
+#include "../factories.hpp"
+#include "iocpnative/errors.hpp"
+#include "uring_sys.hpp"
+
+namespace iocpnative {
+
+namespace {
+
+constexpr uint64_t kTagIo = 0;
+constexpr uint64_t kTagRecvSel = 1;
+constexpr uint64_t kTagAccept = 2;
+constexpr uint64_t kTagWake = 3;
+constexpr uint64_t kTagCancel = 4;
+constexpr uint64_t kTagMask = 7;
+
+constexpr uint32_t kRecvSel = 1u << 0;  // a provided-buffer recv is in flight
+constexpr uint32_t kIoOp = 1u << 1;     // backend_io's recv or send is in flight
+constexpr uint32_t kClosed = 1u << 2;   // close() was called: results become -ECANCELED
+
+constexpr unsigned kSqEntries = 256;
+constexpr unsigned kCqEntries = 4096;  // multishot accepts and bursts of completions
+constexpr uint16_t kBufGroup = 0;
+constexpr size_t kBufRingBudget = 1u << 20;  // bytes of provided buffers per worker
+constexpr size_t kBufMaxSize = 64u << 10;
+constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
+
+// Power of two between 16 and 256, about kBufRingBudget bytes in all.
+unsigned buffer_ring_count(size_t size) {
+    const size_t want = std::max<size_t>(16, std::min<size_t>(256, kBufRingBudget / size));
+    unsigned n = 16;
+    while (n * 2 <= want) n *= 2;
+    return n;
+}
+
+uint64_t tagged(const void* p, uint64_t tag) {
+    return reinterpret_cast<uintptr_t>(p) | tag;
+}
+
+class UringPoller final : public Poller {
+  public:
+    explicit UringPoller(const PollerContext& ctx)
+        : pool_(*ctx.pool),
+          listener_(ctx.listener),
+          feat_(uring::features_from_env()),
+          ring_(kSqEntries, kCqEntries, feat_) {
+        if (net::set_nonblocking(listener_, false) != 0) {
+            throw make_system_error(errno, "fcntl(listener, blocking)");
+        }
+        wake_fd_ = ::eventfd(0, EFD_CLOEXEC);
+        if (wake_fd_ < 0) throw make_system_error(errno, "eventfd");
+        if (feat_.pbuf_ring) {
+            const size_t size = std::min(pool_.buffer_size(), kBufMaxSize);
+            const int rc =
+                bufs_.setup(ring_, kBufGroup, buffer_ring_count(size), static_cast<unsigned>(size));
+            // EINVAL: a kernel older than 5.19; recvs then bring their own IoData.
+            if (rc < 0 && rc != -EINVAL) {
+                ::close(wake_fd_);
+                throw make_system_error(-rc, "io_uring_register(IORING_REGISTER_PBUF_RING)");
+            }
+        }
+        multishot_ = feat_.multishot_accept;
+        arm_wake();
+        arm_accept();
+    }
+
+    ~UringPoller() override {
+        // After a clean drain nothing is left; if a worker died, give back what it held.
+        for (size_t i = head_; i < ready_.size(); ++i) pool_.release(ready_[i].io);
+        close_deferred();
+        ::close(wake_fd_);
+        // ring_ is destroyed (closed) before bufs_, its members being declared in that order.
+    }
+
+    int wait(Event* out, int max, int timeout_ms) override {
+        // The first call runs on the worker thread: it becomes the ring's single issuer.
+        ring_.enable();
+        int n = take_ready(out, max);
+        flush_backlog();
+        if (!to_close_.empty()) submit_then_close();
+        timeout_ms = clamp_for_accept_pause(timeout_ms);
+        const bool have = n > 0 || ring_.ready() > 0;
+        // Submit and wait in one io_uring_enter. When completions are already waiting and
+        // nothing is queued, skip the system call altogether.
+        if (!have || ring_.unsubmitted() > 0) {
+            ring_.enter((have || timeout_ms == 0) ? 0 : 1, timeout_ms);
+        }
+        resume_accept_if_due();
+        return n + reap(out + n, max - n);
+    }
+
+    int attach(Connection& c) override {
+        // Sockets accepted by the ring are blocking (no SOCK_NONBLOCK), as io_uring wants.
+        c.backend_flags = 0;
+        c.backend_io = nullptr;
+        return 0;
+    }
+
+    void post_recv(Connection& c) override {
+        if (!bufs_.active()) return post_recv_own(c);
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_RECV;
+        sqe->fd = c.sock;
+        sqe->len = bufs_.size();
+        sqe->flags = IOSQE_BUFFER_SELECT;
+        sqe->buf_group = bufs_.group();
+        // POLL_FIRST (5.19, as the buffer ring): this recv follows our own reply, so the peer
+        // has rarely answered yet; arming the poll at once saves a recv that would find nothing.
+        sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
+        sqe->user_data = tagged(&c, kTagRecvSel);
+        c.backend_flags |= kRecvSel;
+    }
+
+    void post_send(Connection& c, IoData& io) override {
+        io.conn = &c;
+        io.op = Op::Send;
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_SEND;
+        sqe->fd = c.sock;
+        sqe->addr = reinterpret_cast<uintptr_t>(io.data() + io.offset);
+        sqe->len = io.unsent();
+        sqe->msg_flags = MSG_NOSIGNAL;
+        sqe->user_data = tagged(&io, kTagIo);
+        c.backend_io = &io;
+        c.backend_flags |= kIoOp;
+    }
+
+    void close(Connection& c) override {
+        if (c.backend_flags & kRecvSel) {
+            queue_cancel(tagged(&c, kTagRecvSel));
+        } else if (c.backend_flags & kIoOp) {
+            queue_cancel(tagged(c.backend_io, kTagIo));
+        }
+        c.backend_flags |= kClosed;
+        to_close_.push_back(c.sock);  // closed once the SQEs naming it are submitted
+        c.sock = kInvalidSocket;
+    }
+
+    void stop_accepting() override {
+        if (stopping_) return;
+        stopping_ = true;
+        accept_resume_ms_ = 0;
+        if (accept_inflight_) queue_cancel(kTagAccept);
+        if (wake_inflight_) queue_cancel(kTagWake);
+    }
+
+    bool quiescent() const override {
+        return head_ == ready_.size() && !accept_inflight_ && !wake_inflight_ &&
+               cancels_inflight_ == 0 && backlog_.empty();
+    }
+
+    void wake() override {
+        const uint64_t one = 1;
+        // Cannot block: the counter would have to reach 2^64 - 2 first.
+        (void)!::write(wake_fd_, &one, sizeof(one));
+    }
+
+  private:
+    // --- queueing SQEs ---------------------------------------------------------------------
+
+    // A zeroed SQE to fill. When the SQ is full, submits what is queued (no waiting) and, if
+    // the kernel cannot take it yet, queues into backlog_, which keeps the order of operations.
+    io_uring_sqe* next_sqe() {
+        if (backlog_.empty()) {
+            io_uring_sqe* sqe = ring_.get_sqe();
+            if (sqe == nullptr && ring_.enabled()) {
+                ring_.enter(0, 0);
+                sqe = ring_.get_sqe();
+            }
+            if (sqe != nullptr) return sqe;
+        }
+        backlog_.emplace_back();
+        std::memset(&backlog_.back(), 0, sizeof(io_uring_sqe));
+        return &backlog_.back();
+    }
+
+    void flush_backlog() {
+        size_t i = 0;
+        for (; i < backlog_.size(); ++i) {
+            io_uring_sqe* sqe = ring_.get_sqe();
+            if (sqe == nullptr) break;
+            *sqe = backlog_[i];
+        }
+        backlog_.erase(backlog_.begin(), backlog_.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+
+    void queue_cancel(uint64_t key) {
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_ASYNC_CANCEL;
+        sqe->fd = -1;
+        sqe->addr = key;
+        sqe->user_data = kTagCancel;
+        ++cancels_inflight_;
+    }
+
+    void post_recv_own(Connection& c) {
+        IoData* io = pool_.acquire();
+        if (io == nullptr) return push_ready(Event::Kind::Recv, c, nullptr, -ENOMEM);
+        io->conn = &c;
+        io->op = Op::Recv;
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_RECV;
+        sqe->fd = c.sock;
+        sqe->addr = reinterpret_cast<uintptr_t>(io->data());
+        sqe->len = io->capacity;
+        sqe->user_data = tagged(io, kTagIo);
+        c.backend_io = io;
+        c.backend_flags |= kIoOp;
+    }
+
+    void arm_accept() {
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_ACCEPT;
+        sqe->fd = listener_;
+        sqe->accept_flags = SOCK_CLOEXEC;
+        if (multishot_) sqe->ioprio = IORING_ACCEPT_MULTISHOT;
+        sqe->user_data = kTagAccept;
+        accept_inflight_ = true;
+    }
+
+    void arm_wake() {
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_READ;
+        sqe->fd = wake_fd_;
+        sqe->addr = reinterpret_cast<uintptr_t>(&wake_buf_);
+        sqe->len = sizeof(wake_buf_);
+        sqe->user_data = kTagWake;
+        wake_inflight_ = true;
+    }
+
+    // --- completions ----------------------------------------------------------------------
+
+    // Handles the CQEs that are there, up to `max` events. Release of the CQ head happens once,
+    // after the batch.
+    int reap(Event* out, int max) {
+        const unsigned avail = ring_.ready();
+        unsigned i = 0;
+        int n = 0;
+        for (; i < avail && n < max; ++i) {
+            const io_uring_cqe cqe = ring_.cqe(i);
+            if (on_cqe(cqe, out[n])) ++n;
+        }
+        ring_.consume(i);
+        return n;
+    }
+
+    // Returns true when the CQE became an Event in `ev`.
+    bool on_cqe(const io_uring_cqe& cqe, Event& ev) {
+        const uint64_t ud = cqe.user_data;
+        switch (ud & kTagMask) {
+            case kTagIo:
+                return on_io_done(*reinterpret_cast<IoData*>(ud), cqe.res, ev);
+            case kTagRecvSel:
+                return on_recv_selected(*reinterpret_cast<Connection*>(ud & ~kTagMask), cqe.res,
+                                        cqe.flags, ev);
+            case kTagAccept:
+                return on_accept(cqe.res, cqe.flags, ev);
+            case kTagWake:
+                on_wake(cqe.res);
+                return false;
+            case kTagCancel:
+                --cancels_inflight_;  // 0, -ENOENT (already done) or -EALREADY: all fine
+                return false;
+            default:
+                std::fprintf(stderr, "iocpnative: io_uring CQE with unknown tag %llu\n",
+                             static_cast<unsigned long long>(ud & kTagMask));
+                return false;
+        }
+    }
+
+    bool on_io_done(IoData& io, int res, Event& ev) {
+        Connection& c = *io.conn;
+        c.backend_flags &= ~kIoOp;
+        c.backend_io = nullptr;
+        // A send that finished before its cancellation keeps its byte count (they were sent);
+        // a recv's bytes on a closed connection are dropped.
+        if (io.op == Op::Send) return make_event(ev, Event::Kind::Send, c, &io, res);
+        if ((c.backend_flags & kClosed) && res >= 0) res = -ECANCELED;
+        if (res < 0) {
+            pool_.release(&io);
+            return make_event(ev, Event::Kind::Recv, c, nullptr, res);
+        }
+        io.len = static_cast<uint32_t>(res);
+        return make_event(ev, Event::Kind::Recv, c, &io, res);
+    }
+
+    bool on_recv_selected(Connection& c, int res, uint32_t flags, Event& ev) {
+        c.backend_flags &= ~kRecvSel;
+        const bool closed = (c.backend_flags & kClosed) != 0;
+        const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
+        const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        if (res == -ENOBUFS && !closed) {
+            // Data arrived while every provided buffer was taken: read it into an IoData.
+            post_recv_own(c);
+            return false;
+        }
+        if (closed && res >= 0) res = -ECANCELED;
+        if (res > 0 && !has_buf) res = -EIO;  // the kernel broke its own contract
+        IoData* io = nullptr;
+        if (res > 0) {
+            io = pool_.acquire();
+            if (io == nullptr) {
+                res = -ENOMEM;
+            } else {
+                std::memcpy(io->data(), bufs_.buffer(bid), static_cast<size_t>(res));
+                io->conn = &c;
+                io->op = Op::Recv;
+                io->len = static_cast<uint32_t>(res);
+            }
+        }
+        if (has_buf) bufs_.recycle(bid);
+        return make_event(ev, Event::Kind::Recv, c, io, res);
+    }
+
+    bool on_accept(int res, uint32_t flags, Event& ev) {
+        if (!(flags & IORING_CQE_F_MORE)) accept_inflight_ = false;
+        bool produced = false;
+        if (res >= 0) {
+            if (stopping_) {
+                ::close(res);  // raced with the cancellation: no Accepted after stop_accepting
+            } else {
+                ev = Event{};
+                ev.kind = Event::Kind::Accepted;
+                ev.accepted = res;
+                produced = true;
+            }
+        } else if (res == -EINVAL && multishot_) {
+            multishot_ = false;  // Linux < 5.19 rejects IORING_ACCEPT_MULTISHOT
+        } else if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM ||
+                   res == -EINVAL || res == -EBADF || res == -ENOTSOCK) {
+            // Out of descriptors or memory, or a broken listener: retrying at once would spin,
+            // so step back; pending connections wait in the backlog meanwhile.
+            std::fprintf(stderr, "iocpnative: accept paused for %lld ms: %s\n",
+                         static_cast<long long>(kAcceptPauseMs),
+                         make_system_error(-res, "io_uring accept").what());
+            accept_resume_ms_ = monotonic_ms() + kAcceptPauseMs;
+        }
+        // Anything else (ECONNABORTED, EPROTO, EPERM, EINTR, an unexpected ECANCELED) is one
+        // failed connection: accept the next.
+        if (!stopping_ && !accept_inflight_ && accept_resume_ms_ == 0) arm_accept();
+        return produced;
+    }
+
+    void on_wake(int res) {
+        wake_inflight_ = false;
+        if (stopping_) return;
+        if (res < 0) throw make_system_error(-res, "io_uring read(eventfd)");
+        arm_wake();
+    }
+
+    int clamp_for_accept_pause(int timeout_ms) const {
+        if (accept_resume_ms_ == 0) return timeout_ms;
+        const int64_t left = accept_resume_ms_ - monotonic_ms();
+        const int wait = left <= 0 ? 0 : static_cast<int>(left);
+        return (timeout_ms < 0 || wait < timeout_ms) ? wait : timeout_ms;
+    }
+
+    void resume_accept_if_due() {
+        if (accept_resume_ms_ == 0 || monotonic_ms() < accept_resume_ms_) return;
+        accept_resume_ms_ = 0;
+        if (!stopping_ && !accept_inflight_) arm_accept();
+    }
+
+    // --- helpers --------------------------------------------------------------------------
+
+    static bool make_event(Event& ev, Event::Kind kind, Connection& c, IoData* io, int64_t result) {
+        ev = Event{};
+        ev.kind = kind;
+        ev.conn = &c;
+        ev.io = io;
+        ev.result = result;
+        return true;
+    }
+
+    void push_ready(Event::Kind kind, Connection& c, IoData* io, int64_t result) {
+        Event e;
+        make_event(e, kind, c, io, result);
+        ready_.push_back(e);
+    }
+
+    int take_ready(Event* out, int max) {
+        int n = 0;
+        while (n < max && head_ < ready_.size()) out[n++] = ready_[head_++];
+        if (head_ == ready_.size()) {
+            ready_.clear();
+            head_ = 0;
+        }
+        return n;
+    }
+
+    // Closes the descriptors of closed connections once every SQE queued before (which may name
+    // them) has reached the kernel, submitting first if needed: before the blocking wait, or a
+    // peer would not see the close until some other completion woke us.
+    void submit_then_close() {
+        for (;;) {
+            const unsigned queued = ring_.unsubmitted();
+            const size_t spilled = backlog_.size();
+            if (queued == 0 && spilled == 0) return close_deferred();
+            ring_.enter(0, 0);
+            flush_backlog();
+            // No progress (EAGAIN/EBUSY): close later, after the next reap.
+            if (ring_.unsubmitted() >= queued && backlog_.size() >= spilled) return;
+        }
+    }
+
+    void close_deferred() noexcept {
+        for (socket_t s : to_close_) net::close_socket(s);
+        to_close_.clear();
+    }
+
+    IoDataPool& pool_;
+    const int listener_;
+    const uring::Features feat_;
+    uring::BufferRing bufs_;  // declared before ring_: freed after the ring is closed
+    uring::Ring ring_;
+    int wake_fd_ = -1;
+    uint64_t wake_buf_ = 0;
+    bool multishot_ = true;
+    bool stopping_ = false;
+    bool accept_inflight_ = false;
+    bool wake_inflight_ = false;
+    int64_t accept_resume_ms_ = 0;
+    size_t cancels_inflight_ = 0;
+    std::vector<io_uring_sqe> backlog_;  // SQEs waiting for room in the SQ, in order
+    std::vector<socket_t> to_close_;     // descriptors to close after the next submission
+    std::vector<Event> ready_;           // completions made up here (no IoData: -ENOMEM)
+    size_t head_ = 0;
+};
+
+class UringBackend final : public Backend {
+  public:
+    const char* name() const override { return "io_uring"; }
+    std::unique_ptr<Poller> make_poller(const PollerContext& ctx) override {
+        return std::make_unique<UringPoller>(ctx);
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_uring_backend() {
+    return std::make_unique<UringBackend>();
+}
+
+std::string probe_uring() {
+    return uring::probe();
+}
+
+}  // namespace iocpnative

@@ -1,0 +1,159 @@
+// io_uring through raw system calls over <linux/io_uring.h>: no liburing, so a wheel needs
+// nothing new at build or run time (libuv's src/unix/linux.c does the same). Linux >= 5.11:
+// IORING_FEAT_EXT_ARG (a wait timeout passed to io_uring_enter, no timeout SQE) is required;
+// everything newer (setup flags, provided buffer rings) is optional and probed.
+//
+// Memory ordering. The SQ and CQ rings are shared with the kernel, which runs concurrently with
+// us (task work on our thread, io-wq threads, softirq completions):
+//  * SQ: we write an SQE, then publish it by storing the new SQ tail with release semantics, so
+//    the kernel, which loads the tail with acquire, sees the whole SQE. The kernel advances the
+//    SQ head as it consumes SQEs; we load that head with acquire before reusing a slot.
+//  * CQ: the kernel writes a CQE, then stores the CQ tail with release; we load the tail with
+//    acquire before reading the CQEs below it, and store the CQ head with release after copying
+//    them out, so the kernel does not overwrite a CQE we are still reading.
+// The head and tail words are plain unsigned in the ABI; they are accessed here through
+// __atomic builtins on the mapped memory (what liburing's io_uring_smp_* macros expand to).
+#pragma once
+
+#include <linux/io_uring.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace iocpnative {
+namespace uring {
+
+// Optional features, best first; each can be switched off for tests through the environment
+// (IOCPNATIVE_URING_DISABLE, see uring_sys.cpp) to exercise the fallbacks on a new kernel.
+struct Features {
+    bool defer_taskrun = true;     // IORING_SETUP_DEFER_TASKRUN, Linux >= 6.1
+    bool single_issuer = true;     // IORING_SETUP_SINGLE_ISSUER, Linux >= 6.0
+    bool coop_taskrun = true;      // IORING_SETUP_COOP_TASKRUN, Linux >= 5.19
+    bool submit_all = true;        // IORING_SETUP_SUBMIT_ALL, Linux >= 5.18
+    bool multishot_accept = true;  // IORING_ACCEPT_MULTISHOT, Linux >= 5.19
+    bool pbuf_ring = true;         // IORING_REGISTER_PBUF_RING, Linux >= 5.19
+};
+
+// Reads IOCPNATIVE_URING_DISABLE ("all" or a comma list of defer_taskrun, single_issuer,
+// coop_taskrun, submit_all, multishot_accept, pbuf_ring) at each call.
+Features features_from_env();
+
+// Why io_uring cannot be used here ("" when it can): the IOCPNATIVE_DISABLE_IO_URING test hook,
+// io_uring_setup refused (ENOSYS, EPERM from seccomp or kernel.io_uring_disabled), a kernel
+// older than 5.11, or a required opcode missing from IORING_REGISTER_PROBE.
+std::string probe();
+
+// One ring: the SQ and CQ mappings and the bookkeeping of what we queued. Not thread-safe; the
+// owning worker thread is its only user (after construction, which may happen elsewhere: see
+// enable()).
+class Ring {
+  public:
+    // Sets the ring up disabled (IORING_SETUP_R_DISABLED), trying the flag sets allowed by
+    // `feat` best first and falling back on EINVAL. Throws SystemError.
+    Ring(unsigned sq_entries, unsigned cq_entries, const Features& feat);
+    ~Ring();
+    Ring(const Ring&) = delete;
+    Ring& operator=(const Ring&) = delete;
+
+    // Enables the ring on the calling thread, which becomes its single issuer (SINGLE_ISSUER
+    // and DEFER_TASKRUN rings only accept submissions and waits from that task). Idempotent.
+    void enable();
+    bool enabled() const noexcept { return enabled_; }
+
+    // A zeroed SQE in the next free slot, or nullptr when the SQ is full. The SQE is published
+    // to the kernel at the next submit().
+    io_uring_sqe* get_sqe() noexcept;
+    // SQEs queued but not yet consumed by the kernel.
+    unsigned unsubmitted() const noexcept;
+    // Free SQ slots.
+    unsigned sq_space() const noexcept;
+
+    // One io_uring_enter: submits every queued SQE and, when wait_nr > 0, waits for that many
+    // CQEs or timeout_ms (< 0: no limit). Always asks for events, so that DEFER_TASKRUN task work
+    // runs. Returns 0, or -errno for the harmless outcomes (ETIME, EINTR, EAGAIN, EBUSY); throws
+    // SystemError for anything else.
+    int enter(unsigned wait_nr, int timeout_ms);
+
+    // CQ access: ready() is how many CQEs wait; cqe(i) is the i-th of them; consume(n) hands n
+    // back to the kernel.
+    unsigned ready() const noexcept;
+    const io_uring_cqe& cqe(unsigned i) const noexcept;
+    void consume(unsigned n) noexcept;
+
+    // io_uring_register; returns 0 or -errno.
+    int do_register(unsigned opcode, const void* arg, unsigned nr_args) noexcept;
+
+    uint32_t setup_flags() const noexcept { return flags_; }
+    uint32_t kernel_features() const noexcept { return features_; }
+    // The setup flags in words, for logs and tests ("defer_taskrun single_issuer ...").
+    std::string describe_flags() const;
+
+  private:
+    void map_rings(const io_uring_params& p);
+    void unmap() noexcept;
+
+    int fd_ = -1;
+    uint32_t flags_ = 0;
+    uint32_t features_ = 0;
+    bool enabled_ = false;
+
+    // Mappings (one for SQ+CQ with IORING_FEAT_SINGLE_MMAP, Linux >= 5.4).
+    void* sq_ring_ = nullptr;
+    size_t sq_ring_size_ = 0;
+    void* cq_ring_ = nullptr;
+    size_t cq_ring_size_ = 0;
+    io_uring_sqe* sqes_ = nullptr;
+    size_t sqes_size_ = 0;
+
+    unsigned* sq_khead_ = nullptr;
+    unsigned* sq_ktail_ = nullptr;
+    unsigned sq_mask_ = 0;
+    unsigned sq_entries_ = 0;
+    unsigned sqe_tail_ = 0;  // our tail, published at submit
+
+    unsigned* cq_khead_ = nullptr;
+    unsigned* cq_ktail_ = nullptr;
+    unsigned cq_mask_ = 0;
+    io_uring_cqe* cqes_ = nullptr;
+};
+
+// A provided buffer ring (IORING_REGISTER_PBUF_RING, Linux >= 5.19): `count` buffers of `size`
+// bytes that the kernel picks from when a recv with IOSQE_BUFFER_SELECT finds data, so a recv
+// waiting on an idle connection holds no memory. The ring array is page aligned (mmap), as the
+// kernel requires; the buffers are one block after it.
+class BufferRing {
+  public:
+    BufferRing() = default;
+    ~BufferRing();
+    BufferRing(const BufferRing&) = delete;
+    BufferRing& operator=(const BufferRing&) = delete;
+
+    // Registers with `ring` as group `group`; returns 0 or -errno (-EINVAL on kernels < 5.19).
+    int setup(Ring& ring, uint16_t group, unsigned count, unsigned size);
+    bool active() const noexcept { return array_ != nullptr; }
+    uint16_t group() const noexcept { return group_; }
+    unsigned size() const noexcept { return size_; }
+    char* buffer(unsigned bid) const noexcept { return data_ + static_cast<size_t>(bid) * size_; }
+    // Gives buffer `bid` back to the kernel.
+    void recycle(unsigned bid) noexcept;
+    // Frees the memory. Only call once the ring is closed or nothing can select a buffer.
+    void release() noexcept;
+
+  private:
+    void add(unsigned bid, unsigned slot) noexcept;
+    io_uring_buf* entries() const noexcept;
+    uint16_t* tail_word() const noexcept;
+
+    void* array_ = nullptr;
+    size_t array_bytes_ = 0;
+    char* data_ = nullptr;
+    unsigned count_ = 0;
+    unsigned size_ = 0;
+    uint16_t group_ = 0;
+    uint16_t tail_ = 0;  // our tail; published with release (see the file comment)
+};
+
+}  // namespace uring
+}  // namespace iocpnative
