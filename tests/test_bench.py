@@ -235,3 +235,12 @@ def test_cli_bad_values(args: list[str]) -> None:
     assert p.returncode == 2
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert p.stdout == ""
+
+
+def test_too_many_connections_for_own_server() -> None:
+    resource = pytest.importorskip("resource")
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        pytest.skip("no descriptor limit here")
+    with pytest.raises(ValueError, match="file descriptors"):
+        bench(connections=hard, duration=0.1)

@@ -8,6 +8,7 @@
 // (Vista and later) over the thread's sockets, level-triggered, rebuilt on every wait.
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 
@@ -527,9 +528,11 @@ void Runner::check_stalls(int64_t now) {
         if (c.state != State::Open || c.sent == c.recvd) continue;
         const size_t slot = c.local * pipeline_ + c.recvd % pipeline_;
         if (now - slot_sent_[slot] > limit) {
+            char limit_s[32];
+            std::snprintf(limit_s, sizeof(limit_s), "%g", cfg_.stall_timeout_s);
             fail(c, LoadError::Stalled,
-                 "message " + std::to_string(c.recvd) + " unanswered for more than " +
-                     std::to_string(cfg_.stall_timeout_s) + " s");
+                 "message " + std::to_string(c.recvd) + " unanswered for more than " + limit_s +
+                     " s");
         }
     }
 }

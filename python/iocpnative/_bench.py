@@ -78,6 +78,22 @@ def _check_rate(rate: object) -> float | None:
     return v
 
 
+def _check_descriptors(connections: int) -> None:
+    """Our own server lives in this process: both ends of every connection need a descriptor."""
+    try:
+        import resource
+    except ImportError:  # Windows: no descriptor limit of this kind
+        return
+    need = 2 * connections + 64
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ValueError(
+            f"{connections} connections to our own server need about {need} file descriptors in "
+            f"this process, but RLIMIT_NOFILE allows {hard}: use fewer connections, or run the "
+            "server in another process and pass host/port"
+        )
+
+
 def bench(
     host: str | None = None,
     port: int | None = None,
@@ -124,6 +140,7 @@ def bench(
     if host is None:
         if "port" in server_options or "host" in server_options:
             raise ValueError("server options must not include host/port")
+        _check_descriptors(connections)
         own = Server("127.0.0.1", 0, **server_options).start()
         host, port = own.host, own.port
     elif server_options:
