@@ -90,7 +90,7 @@ def lint(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Build ../shared/bench and a Release wheel, run benchmarks/run.py, write docs/benchmarks.md.
 
-    Long (about an hour on 2 CPUs); `nox -s bench -- --quick` runs one short round of each.
+    Long (about half an hour on 2 CPUs); `nox -s bench -- --quick` runs one short round of each.
     Not part of CI. Needs cc, liburing-dev and PyPI (uvloop) for ../shared/bench/build.sh.
     """
     shared = ROOT.parent / "shared" / "bench"

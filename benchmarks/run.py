@@ -35,14 +35,16 @@ SCALING = (1, 10, 100, 1000, 10000)
 
 
 def iocpnative_servers(py: str) -> dict[str, str]:
-    """Our server, once as `auto` and once per backend this machine has."""
+    """Our server with the `auto` backend, and once more per other backend this machine has."""
     import iocpnative
 
     base = f"{shlex.quote(py)} -m iocpnative server --port {{port}} --workers 1"
     base += " --max-connections 20000"
     servers = {"iocpnative": base}
+    auto = iocpnative._native.resolve_backend("auto")
     for b in iocpnative.available_backends():
-        servers[f"iocpnative_{b}"] = f"env IOCPNATIVE_BACKEND={b} {base}"
+        if b != auto:  # `iocpnative` already is the auto backend
+            servers[f"iocpnative_{b}"] = f"env IOCPNATIVE_BACKEND={b} {base}"
     return servers
 
 
@@ -319,6 +321,7 @@ def render(results: Path, out: Path, quick: bool, command: str) -> None:
     )
     shown_results = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
     backends = ", ".join(iocpnative.available_backends())
+    auto = iocpnative._native.resolve_backend("auto")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     md = f"""# Benchmarks
 
@@ -333,8 +336,8 @@ JSON that the run wrote to `{shown_results}`).
   interleaved round by round, server pinned to CPU 0 and the load generator `echoload` to CPU 1;
   "paired" = median over rounds of the same-round ratio. On 2 CPUs the client saturates first:
   a "(client-bound)" msgs/s ranks the client, so compare such servers by server µs/msg.
-- `iocpnative` is `python -m iocpnative server --workers 1` with the `auto` backend;
-  `iocpnative_<backend>` forces one with `IOCPNATIVE_BACKEND`.
+- `iocpnative` is `python -m iocpnative server --workers 1` with the `auto` backend
+  ({auto}); `iocpnative_<backend>` forces another one with `IOCPNATIVE_BACKEND`.
 
 ## Targets of issue 7
 
