@@ -21,6 +21,12 @@ import time
 import iocpnative
 
 
+def shown_arg(a: str) -> str:
+    """An argument as the report shows it: paths relative to the checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.path.relpath(a, root) if os.path.isabs(a) and a.startswith(root) else a
+
+
 def wait_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -110,7 +116,7 @@ def main() -> int:
         srv.wait(10)
     shown = shlex.join([*pin, "python", *server_cmd[1:4], "--port", "P", "--workers", "1"])
     out = {
-        "command": shlex.join(["python", "benchmarks/pyclient.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "benchmarks/pyclient.py", *map(shown_arg, sys.argv[1:])]),
         "method": f"{rounds} rounds of {seconds:g} s per loop and size, the loops alternating; "
         f"server `{shown}`" + ("; client pinned to CPU 1." if two else "."),
         "cases": cases,
