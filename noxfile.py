@@ -3,6 +3,7 @@
 build      sdist + wheel into dist/
 test       install the wheel from dist/ (building it if missing), run pytest and the C++ tests
 lint       ruff + clang-format check
+bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md (`-- --quick`)
 """
 
 from __future__ import annotations
@@ -83,6 +84,26 @@ def lint(session: nox.Session) -> None:
         str(p) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".cpp", ".hpp", ".h"}
     )
     session.run("clang-format", "--dry-run", "--Werror", *sources)
+
+
+@nox.session(reuse_venv=True)
+def bench(session: nox.Session) -> None:
+    """Build ../shared/bench and a Release wheel, run benchmarks/run.py, write docs/benchmarks.md.
+
+    Long (about half an hour on 2 CPUs); `nox -s bench -- --quick` runs one short round of each.
+    Not part of CI. Needs cc, liburing-dev and PyPI (uvloop) for ../shared/bench/build.sh.
+    """
+    shared = ROOT.parent / "shared" / "bench"
+    if not (shared / "peers.py").exists():
+        session.error(f"{shared} not found: the comparison needs ../shared/bench")
+    session.run("bash", str(shared / "build.sh"), external=True)
+    out = ROOT / "build" / "bench-dist"
+    shutil.rmtree(out, ignore_errors=True)
+    session.install("build")
+    # pyproject.toml builds the extension as Release.
+    session.run("python", "-m", "build", "--wheel", "--outdir", str(out), str(ROOT))
+    session.install("--force-reinstall", "--no-deps", *map(str, out.glob("iocpnative-*.whl")))
+    session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs)
 
 
 if __name__ == "__main__":

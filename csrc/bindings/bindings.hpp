@@ -14,6 +14,7 @@ void register_client(py::module_& m);
 // Areas added by later work (crash dumps, load generator) register here; see extras.cpp.
 void register_extras(py::module_& m);
 void register_crash(py::module_& m);  // crash.cpp
+void register_bench(py::module_& m);  // bench.cpp
 
 }  // namespace bindings
 }  // namespace iocpnative

@@ -7,6 +7,7 @@ namespace bindings {
 
 void register_extras(py::module_& m) {
     register_crash(m);
+    register_bench(m);
 }
 
 }  // namespace bindings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from . import _native
 from ._backends import BackendStatus, available_backends, backend_statuses
+from ._bench import BenchResult, bench
 from ._client import Client, run_client_loop
 from ._crash import (
     crash_dump_directory,
@@ -22,12 +23,14 @@ __version__: str = _native.__version__
 
 __all__ = [
     "BackendStatus",
+    "BenchResult",
     "Client",
     "Server",
     "ServerStats",
     "__version__",
     "available_backends",
     "backend_statuses",
+    "bench",
     "crash_dump_directory",
     "disable_crash_dumps",
     "enable_crash_dumps",

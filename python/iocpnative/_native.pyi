@@ -1,5 +1,6 @@
 """Type stubs for the native core (iocpnative._native)."""
 
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from typing_extensions import Buffer
@@ -50,3 +51,18 @@ class Client:
     @property
     def closed(self) -> bool: ...
     timeout: float
+
+def run_load(
+    host: str,
+    port: int,
+    connections: int,
+    size: int,
+    duration: float,
+    warmup: float,
+    rate: float,
+    threads: int,
+    pipeline: int,
+    connect_timeout: float,
+    stall_timeout: float,
+    progress: Callable[[dict[str, Any]], object] | None,
+) -> dict[str, Any]: ...

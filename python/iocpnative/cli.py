@@ -1,4 +1,4 @@
-"""Command line: ``python -m iocpnative {server,client,demo,info}`` (or the ``iocpnative`` script).
+"""Command line: ``python -m iocpnative {server,client,demo,info,bench}`` (or ``iocpnative``).
 
 Errors print one line to stderr and exit non-zero; no traceback.
 """
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from ._backends import backend_statuses
+from ._bench_cli import add_bench_parser
 from ._client import run_client_loop
 from ._crash import enable_crash_dumps
 from ._server import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CONNECTIONS, Server, ServerStats
@@ -143,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="version, platform and backends")
     p.set_defaults(func=cmd_info)
+
+    add_bench_parser(sub)
     return parser
 
 

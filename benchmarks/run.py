@@ -1,0 +1,385 @@
+# ruff: noqa: RUF001  (the tables use the multiplication sign on purpose)
+"""Runs the side-by-side comparison of issue 7 and writes docs/benchmarks.md (``nox -s bench``).
+
+Every figure comes from ../shared/bench/peers.py (echoload as the client, servers started fresh
+and interleaved, server pinned to CPU 0, client to CPU 1) or from pyclient.py, and every table in
+the Markdown file is generated from their JSON output here: nothing is typed by hand.
+
+    python benchmarks/run.py [--quick] [--out docs/benchmarks.md] [--results DIR]
+    python benchmarks/run.py --report-only --results DIR     # re-render from earlier JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT.parent / "shared" / "bench"
+PEERS = BENCH / "peers.py"
+HERE = Path(__file__).resolve().parent
+
+# The issue's scenarios: (key, title, peers.py arguments).
+FULL = {"rounds": 3, "duration": 5, "warmup": 1, "idle": 5000, "scale_rounds": 2}
+QUICK = {"rounds": 1, "duration": 1, "warmup": 0.5, "idle": 1000, "scale_rounds": 1}
+SCALING = (1, 10, 100, 1000, 10000)
+
+
+def iocpnative_servers(py: str) -> dict[str, str]:
+    """Our server with the `auto` backend, and once more per other backend this machine has."""
+    import iocpnative
+
+    base = f"{shlex.quote(py)} -m iocpnative server --port {{port}} --workers 1"
+    base += " --max-connections 20000"
+    servers = {"iocpnative": base}
+    auto = iocpnative._native.resolve_backend("auto")
+    for b in iocpnative.available_backends():
+        if b != auto:  # `iocpnative` already is the auto backend
+            servers[f"iocpnative_{b}"] = f"env IOCPNATIVE_BACKEND={b} {base}"
+    return servers
+
+
+def run_peers(name: str, args: list[str], results: Path, servers: dict[str, str]) -> Path:
+    out = results / f"{name}.json"
+    cmd = [sys.executable, str(PEERS), *args, "--json", str(out), "--logdir", str(results / "logs")]
+    for n, c in servers.items():
+        cmd += ["--server", f"{n}={c}"]
+    print("\n$ " + shlex.join(cmd), flush=True)
+    rc = subprocess.run(cmd, check=False).returncode
+    if not out.exists():
+        raise SystemExit(f"peers.py wrote no {out} (exit {rc})")
+    d = json.loads(out.read_text())
+    # Shown relative to the checkout, with the session's interpreter as plain `python`.
+    shown = shlex.join(["python3", "peers.py", *cmd[2:]]).replace(sys.executable, "python")
+    d["command"] = shown.replace(str(ROOT) + "/", "")
+    d["exit_status"] = rc
+    out.write_text(json.dumps(d, indent=1))
+    return out
+
+
+def run_all(quick: bool, results: Path) -> None:
+    p = QUICK if quick else FULL
+    results.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    ours = iocpnative_servers(py)
+    common = ["--duration", str(p["duration"]), "--warmup", str(p["warmup"])]
+    rounds = ["--rounds", str(p["rounds"])]
+    scen = [
+        ("a_50x512", ["--connections", "50", "--size", "512"]),
+        ("b_rate30000_50x512", ["--connections", "50", "--size", "512", "--rate", "30000"]),
+        ("c_1000x128", ["--connections", "1000", "--size", "128"]),
+        ("d_rate20000_1000x128", ["--connections", "1000", "--size", "128", "--rate", "20000"]),
+        ("e_10x65536", ["--connections", "10", "--size", "65536"]),
+    ]
+    for key, a in scen:
+        run_peers(key, [*a, *common, *rounds], results, ours)
+    run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results, ours)
+    only = ["--only", "c_epoll,iocpnative", "--rounds", str(p["scale_rounds"])]
+    for n in SCALING:
+        run_peers(f"s_{n}", ["--connections", str(n), "--size", "512", *common, *only], results,
+                  {"iocpnative": ours["iocpnative"]})  # fmt: skip
+    # Two workers, allowed on both cores: they share CPU 1 with the client.
+    w2 = {"iocpnative_w2": ours["iocpnative"].replace("--workers 1", "--workers 2")}
+    for n in SCALING:
+        run_peers(f"w2_{n}", ["--connections", str(n), "--size", "512", *common,
+                              "--only", "iocpnative_w2", "--server-cpu", "0,1",
+                              "--rounds", str(p["scale_rounds"])], results, w2)  # fmt: skip
+    cmd = [py, str(HERE / "pyclient.py"), "--json", str(results / "pyclient.json")]
+    if quick:
+        cmd.append("--quick")
+    print("\n$ " + shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _med(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def paired(runs: list[dict], name: str, base: str, key: str) -> float | None:
+    """Median over rounds of (name ÷ base in the same round)."""
+    by_round = {r["round"]: r[key] for r in runs if r["server"] == base and r.get("ok")}
+    mine = [r for r in runs if r["server"] == name and r.get("ok") and r.get(key) is not None]
+    return _med([r[key] / by_round[r["round"]] for r in mine if by_round.get(r["round"])])
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def saturated_table(d: dict) -> tuple[str, dict]:
+    s, runs = d["summary"], d["runs"]
+    order = sorted(s, key=lambda n: -(s[n]["msgs_per_s_median"] or 0))
+    rows, figs = [], {}
+    for n in order:
+        x = s[n]
+        vs_c = paired(runs, n, "c_epoll", "msgs_per_s")
+        vs_uv = paired(runs, n, "uvloop_protocol", "msgs_per_s")
+        figs[n] = {"msgs": x["msgs_per_s_median"], "mb": x["mb_per_s_median"], "vs_c": vs_c,
+                   "vs_uv": vs_uv, "p99": x["p99_us_median"]}  # fmt: skip
+        bound = (x["client_cpu_pct_median"] or 0) >= 95
+        rows.append([
+            n, f"{x['runs_ok']}/{x['runs']}", _f(x["msgs_per_s_median"], ",.0f"),
+            _f(x["mb_per_s_median"], ",.1f"), _f(x["p50_us_median"], ",.0f"),
+            _f(x["p99_us_median"], ",.0f"), _f(x["server_cpu_pct_median"], ".0f") + "%",
+            _f(x["client_cpu_pct_median"], ".0f") + "%" + (" (client-bound)" if bound else ""),
+            _f(x["server_cpu_us_per_msg_median"], ".2f"), _f(vs_c, ".2f") + "×",
+            _f(vs_uv, ".2f") + "×",
+        ])  # fmt: skip
+    hdr = ["server", "ok", "msgs/s", "MB/s", "p50 µs", "p99 µs", "srv cpu", "cli cpu",
+           "srv µs/msg", "vs c_epoll (paired)", "vs uvloop (paired)"]  # fmt: skip
+    return table(hdr, rows), figs
+
+
+def rate_table(d: dict) -> tuple[str, dict]:
+    s, runs = d["summary"], d["runs"]
+    order = sorted(s, key=lambda n: s[n]["server_cpu_us_per_msg_median"] or 1e9)
+    rows, figs = [], {}
+    for n in order:
+        x = s[n]
+        vs_c = paired(runs, n, "c_epoll", "server_cpu_us_per_msg")
+        vs_uv = paired(runs, n, "uvloop_protocol", "server_cpu_us_per_msg")
+        figs[n] = {"us": x["server_cpu_us_per_msg_median"], "vs_c": vs_c, "vs_uv": vs_uv,
+                   "p99": x["p99_us_median"]}  # fmt: skip
+        sat = f" (SATURATED {x['saturated_runs']}/{x['runs_ok']})" if x["saturated_runs"] else ""
+        rows.append([
+            n, f"{x['runs_ok']}/{x['runs']}", _f(x["rate_achieved_median"], ",.0f") + sat,
+            _f(x["server_cpu_us_per_msg_median"], ".2f"), _f(x["server_cpu_pct_median"], ".0f")
+            + "%", _f(x["p50_us_median"], ",.0f"), _f(x["p99_us_median"], ",.0f"),
+            _f(vs_c, ".2f") + "×", _f(vs_uv, ".2f") + "×",
+        ])  # fmt: skip
+    hdr = ["server", "ok", "achieved/s", "srv µs/msg", "srv cpu", "p50 µs", "p99 µs",
+           "vs c_epoll (paired)", "vs uvloop (paired)"]  # fmt: skip
+    return table(hdr, rows), figs
+
+
+def idle_table(d: dict) -> tuple[str, dict]:
+    recs = sorted(d["idle"], key=lambda r: r.get("kib_per_conn", 1e18))
+    rows = [[r["server"], "yes" if r.get("ok") else "NO", str(r.get("base_rss_kib", "-")),
+             str(r.get("peak_hwm_kib", "-")), _f(r.get("kib_per_conn"), ".2f")]
+            for r in recs]  # fmt: skip
+    figs = {r["server"]: r.get("kib_per_conn") for r in recs}
+    return table(["server", "ok", "base RSS KiB", "peak HWM KiB", "KiB/conn"], rows), figs
+
+
+def scaling_table(results: Path) -> str:
+    rows = []
+    for n in SCALING:
+        row = [f"{n:,}"]
+        for prefix, name in (("s", "c_epoll"), ("s", "iocpnative"), ("w2", "iocpnative_w2")):
+            f = results / f"{prefix}_{n}.json"
+            x = json.loads(f.read_text())["summary"].get(name) if f.exists() else None
+            row += [_f(x and x["msgs_per_s_median"], ",.0f"), _f(x and x["p99_us_median"], ",.0f")]
+        f = results / f"s_{n}.json"
+        vs = paired(json.loads(f.read_text())["runs"], "iocpnative", "c_epoll", "msgs_per_s") \
+            if f.exists() else None  # fmt: skip
+        rows.append([*row, _f(vs, ".2f") + "×"])
+    hdr = [
+        "connections",
+        "c_epoll msgs/s",
+        "p99 µs",
+        "iocpnative msgs/s",
+        "p99 µs",
+        "iocpnative --workers 2 msgs/s ⚠",
+        "p99 µs",
+        "iocpnative vs c_epoll (paired)",
+    ]
+    return table(hdr, rows)  # fmt: skip
+
+
+def pyclient_table(d: dict) -> str:
+    rows = [[f"{c['size']:,}", _f(c["client_median"], ",.0f"), _f(c["socket_median"], ",.0f"),
+             _f(c["ratio_paired"], ".2f") + "×"] for c in d["cases"]]  # fmt: skip
+    return table(["size B", "Client.request req/s", "socket loop req/s", "Client ÷ socket"], rows)
+
+
+def targets(f: dict, idle_n: int) -> str:
+    """The issue's target table, filled with the measured figures."""
+
+    def row(scn, fig, tgt, val, ok):
+        return [scn, fig, tgt, val, "-" if ok is None else ("met" if ok else "**not met**")]
+
+    a, b, c, dd, e, idle = (f.get(k, {}) for k in ("a", "b", "c", "d", "e", "f"))
+    me = "iocpnative"
+    rows = []
+    x = a.get(me, {})
+    rows.append(
+        row(
+            "50 conns × 512 B",
+            "saturated msgs/s",
+            "≥ 1.0× c_epoll (paired)",
+            _f(x.get("vs_c"), ".2f") + "×",
+            x.get("vs_c") and x["vs_c"] >= 1.0,
+        )
+    )
+    x = b.get(me, {})
+    ok = x.get("vs_uv") is not None and x["vs_uv"] <= 0.5 and (x.get("vs_c") or 9) <= 0.8
+    rows.append(
+        row(
+            "50 × 512 B at 30,000/s",
+            "server CPU µs/msg",
+            "≤ 0.5× uvloop, ≤ 0.8× c_epoll",
+            f"{_f(x.get('us'), '.2f')} µs = {_f(x.get('vs_uv'), '.2f')}× uvloop, "
+            f"{_f(x.get('vs_c'), '.2f')}× c_epoll",
+            ok if x else None,
+        )
+    )
+    x = c.get(me, {})
+    rows.append(
+        row(
+            "1000 conns × 128 B",
+            "saturated msgs/s",
+            "≥ 1.0× c_epoll (paired)",
+            _f(x.get("vs_c"), ".2f") + "×",
+            x.get("vs_c") and x["vs_c"] >= 1.0,
+        )
+    )
+    x, ce = dd.get(me, {}), dd.get("c_epoll", {})
+    ok = (x.get("vs_c") is not None and x["vs_c"] <= 0.8 and x.get("p99") is not None
+          and ce.get("p99") is not None and x["p99"] <= ce["p99"])  # fmt: skip
+    rows.append(
+        row(
+            "1000 × 128 B at 20,000/s",
+            "server CPU µs/msg, p99",
+            "≤ 0.8× c_epoll; p99 ≤ c_epoll's",
+            f"{_f(x.get('vs_c'), '.2f')}× c_epoll; p99 {_f(x.get('p99'), ',.0f')} µs vs "
+            f"{_f(ce.get('p99'), ',.0f')} µs",
+            ok if x else None,
+        )
+    )
+    x = e.get(me, {})
+    rows.append(
+        row(
+            "10 conns × 64 KiB",
+            "saturated MB/s",
+            "≥ 1.0× uvloop",
+            _f(x.get("vs_uv"), ".2f") + "×",
+            x.get("vs_uv") and x["vs_uv"] >= 1.0,
+        )
+    )
+    v = idle.get(me)
+    rows.append(row(f"{idle_n:,} idle connections", "user-space KiB per connection", "≤ 0.5 KiB",
+                    _f(v, ".2f") + " KiB", None if v is None else v <= 0.5))  # fmt: skip
+    return table(["scenario", "figure", "target", "measured (iocpnative, auto backend)", ""], rows)
+
+
+def render(results: Path, out: Path, quick: bool, command: str) -> None:
+    docs = {k: json.loads((results / f"{k}.json").read_text()) for k in (
+        "a_50x512", "b_rate30000_50x512", "c_1000x128", "d_rate20000_1000x128", "e_10x65536",
+        "f_idle")}  # fmt: skip
+    env = docs["a_50x512"]["environment"]
+    import iocpnative
+
+    figs: dict[str, dict] = {}
+    parts = []
+    runs = [r for d in docs.values() for r in d["runs"]]
+    busy = sum(1 for r in runs if (r.get("other_procs_cpu_pct") or 0) > 5)
+    busy_note = (f"\n**Busy machine**: in {busy} of {len(runs)} runs other processes used more "
+                 "than 5% of a core (peers.py's interference check); those figures are disturbed."
+                 "\n" if busy else "")  # fmt: skip
+    sections = [
+        ("a", "a_50x512", "Saturated: 50 connections × 512 B", saturated_table),
+        ("b", "b_rate30000_50x512", "Fixed rate 30,000 round trips/s: 50 × 512 B (server CPU "
+         "per message, lower is better)", rate_table),
+        ("c", "c_1000x128", "Saturated: 1000 connections × 128 B", saturated_table),
+        ("d", "d_rate20000_1000x128", "Fixed rate 20,000 round trips/s: 1000 × 128 B", rate_table),
+        ("e", "e_10x65536", "Saturated: 10 connections × 64 KiB", saturated_table),
+        ("f", "f_idle", f"Idle connections: {docs['f_idle']['config']['idle_connections']:,} "
+         "held open, server memory", idle_table),
+    ]  # fmt: skip
+    for key, name, title, fn in sections:
+        d = docs[name]
+        text, figs[key] = fn(d)
+        c = d["config"]
+        load = "" if key == "f" else (
+            f"{c['rounds']} interleaved round(s) of {c['warmup']:g} s warm-up + "
+            f"{c['duration']:g} s. ")  # fmt: skip
+        bad = "" if d.get("exit_status", 0) == 0 else " **peers.py reported failed runs.**"
+        parts.append(f"### {title}\n\n{load}Command: `{d['command']}`{bad}\n\n{text}\n")
+    py = json.loads((results / "pyclient.json").read_text())
+    w2_note = (
+        "⚠ `--workers 2` runs unpinned (`--server-cpu 0,1`): its workers share CPU 1 with "
+        "the client, so the figure is for completeness, not a fair comparison."
+    )
+    shown_results = results.relative_to(ROOT) if results.is_relative_to(ROOT) else results
+    backends = ", ".join(iocpnative.available_backends())
+    auto = iocpnative._native.resolve_backend("auto")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    md = f"""# Benchmarks
+
+Generated by `{command}` on {date}; do not edit by hand (every table below is rendered from the
+JSON that the run wrote to `{shown_results}`).
+{"**Quick run** (`--quick`): one short round per scenario, indicative only." if quick else ""}
+{busy_note}
+- Machine: {env["cpu"]} × {env["ncpu"]} CPUs, Linux {env["kernel"]} ({platform.machine()})
+- Versions: iocpnative {iocpnative.__version__} (backends here: {backends}),
+  Python {env["python"]}, uvloop {env["uvloop"]}
+- Method: `../shared/bench/peers.py` (see its README): every server started fresh, servers
+  interleaved round by round, server pinned to CPU 0 and the load generator `echoload` to CPU 1;
+  "paired" = median over rounds of the same-round ratio. On 2 CPUs the client saturates first:
+  a "(client-bound)" msgs/s ranks the client, so compare such servers by server µs/msg.
+- `iocpnative` is `python -m iocpnative server --workers 1` with the `auto` backend
+  ({auto}); `iocpnative_<backend>` forces another one with `IOCPNATIVE_BACKEND`.
+
+## Targets of issue 7
+
+{targets(figs, docs["f_idle"]["config"]["idle_connections"])}
+
+## Results
+
+{chr(10).join(parts)}
+### Scaling: connections × 512 B, saturated
+
+{w2_note}
+
+{scaling_table(results)}
+
+### Python client: `Client.request` in a loop vs a plain `socket` loop
+
+Command: `{py["command"]}`. {py["method"]}
+
+{pyclient_table(py)}
+"""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md)
+    print(f"wrote {out}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one short round per scenario")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--results", default=str(ROOT / "build" / "bench-results"))
+    ap.add_argument("--report-only", action="store_true", help="render earlier results only")
+    args = ap.parse_args()
+    results = Path(args.results).resolve()
+    if not args.report_only:
+        if not PEERS.exists():
+            raise SystemExit(f"{PEERS} not found: ../shared/bench is needed")
+        run_all(args.quick, results)
+    command = "nox -s bench" + (" -- --quick" if args.quick else "")
+    render(results, Path(args.out), args.quick, command)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
