@@ -157,7 +157,8 @@ class Server:
     and the other connections are served on. ``on_connect(conn_id, peer)`` and
     ``on_disconnect(conn_id)`` are optional; an exception in them is logged and counted the same
     way (and closes the connection, for on_connect). on_disconnect is called once for every
-    connection on_connect saw. A handler that blocks cannot hold up ``stop()`` past its timeout.
+    connection on_connect saw. A handler that blocks cannot hold up ``stop()`` past its timeout;
+    a callback must not call ``stop()`` itself (it would wait for its own worker).
 
     Raises ``ValueError`` for bad arguments (here, before any socket exists), ``OSError`` from
     ``start()`` for system failures (``errno.EADDRINUSE`` when the port is taken).
