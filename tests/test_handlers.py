@@ -380,14 +380,15 @@ def test_handler_arity_and_argument_checks(backend: str) -> None:
         assert recv_exactly(s, 2) == b"7!"
 
 
-def test_interpreter_exit_with_running_handler_server(backend: str) -> None:
-    """Exiting without stop() while traffic flows: no crash, no hang, exit code 0."""
+@pytest.mark.parametrize("handler_body", ["d.upper()", "time.sleep(1.0) or d"])
+def test_interpreter_exit_with_running_handler_server(backend: str, handler_body: str) -> None:
+    """Exiting without stop() while traffic flows (or while a handler sleeps): exit code 0."""
     script = textwrap.dedent(
         f"""
         import socket, sys, threading, time
         import iocpnative
         srv = iocpnative.Server("127.0.0.1", 0, backend={backend!r}, workers=2,
-                                handler=lambda d: d.upper(),
+                                handler=lambda d: {handler_body},
                                 on_disconnect=lambda cid: None)
         srv.start()
         def pump():

@@ -40,7 +40,8 @@ ConnectCallback = Callable[[int, str], object]
 #: ``on_disconnect(conn_id)``.
 DisconnectCallback = Callable[[int], object]
 
-# Seconds the interpreter-exit hook waits for each server that still runs Python callbacks.
+# Seconds between the warnings the interpreter-exit hook logs while a handler keeps a server from
+# stopping.
 _EXIT_STOP_TIMEOUT = 5.0
 _servers_with_callbacks: weakref.WeakSet[Server] = weakref.WeakSet()
 
@@ -119,14 +120,17 @@ def _make_native_handler(
 
 @atexit.register
 def _stop_servers_at_exit() -> None:
-    # Worker threads must not call into an interpreter that is finalizing (the native side
-    # refuses to, and closes the connection instead): stop servers with Python callbacks
-    # while the interpreter is still whole.
+    # Worker threads must not call into an interpreter that is finalizing: a thread that wakes
+    # up in a finalizing interpreter is ended inside Python, under our native frames. So stop
+    # servers with Python callbacks while the interpreter is still whole, and, like Python's own
+    # non-daemon threads, wait for a blocked handler to return.
     for srv in list(_servers_with_callbacks):
-        try:
-            srv.stop(_EXIT_STOP_TIMEOUT)
-        except TimeoutError:
-            logger.warning("%r: a handler still runs at interpreter exit", srv)
+        while True:
+            try:
+                srv.stop(_EXIT_STOP_TIMEOUT)
+                break
+            except TimeoutError:
+                logger.warning("%r: waiting at exit for a handler to return", srv)
 
 
 class Server:
