@@ -16,9 +16,9 @@ struct DataChunk {
     uint64_t conn_id = 0;
     const char* data = nullptr;  // valid during the on_batch call only
     size_t len = 0;
-    std::string out;        // the reply; left empty, nothing is sent
-    bool handled = false;   // the handler ran for this chunk
-    bool ok = true;         // false: a handler error, the connection is closed
+    std::string out;       // the reply; left empty, nothing is sent
+    bool handled = false;  // the handler ran for this chunk
+    bool ok = true;        // false: a handler error, the connection is closed
 };
 
 // Lets code outside the core decide what goes back on a connection (Python handlers). Called on
