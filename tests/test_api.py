@@ -235,10 +235,13 @@ def test_failed_start_leaves_no_fds_or_threads(make_server, baseline) -> None:
     assert type(baseline).now() == after_first
 
 
-def test_handler_is_not_implemented_yet() -> None:
-    # Replace this test when Python handlers land (their own issue).
-    with pytest.raises(NotImplementedError):
-        iocpnative.Server(port=0, handler=lambda data: data)
+def test_handler_arguments_are_checked_before_any_socket() -> None:
+    # Behaviour of handlers is covered in test_handlers.py; here only the argument checks.
+    iocpnative.Server(port=0, handler=lambda data: data)
+    with pytest.raises(TypeError):
+        iocpnative.Server(port=0, handler="upper")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        iocpnative.Server(port=0, on_disconnect=lambda conn_id: None)
 
 
 def _has_ipv6_loopback() -> bool:

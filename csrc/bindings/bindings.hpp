@@ -2,6 +2,10 @@
 
 #include <pybind11/pybind11.h>
 
+#include <memory>
+
+#include "iocpnative/server.hpp"
+
 namespace iocpnative {
 namespace bindings {
 
@@ -15,6 +19,11 @@ void register_client(py::module_& m);
 void register_extras(py::module_& m);
 void register_crash(py::module_& m);  // crash.cpp
 void register_bench(py::module_& m);  // bench.cpp
+
+// Python handlers (handler.cpp): the _native.Handler class, and the DataHandler an instance of it
+// (or None -> nullptr) gives the server.
+void register_handler(py::module_& m);
+std::shared_ptr<DataHandler> as_data_handler(const py::handle& h);
 
 }  // namespace bindings
 }  // namespace iocpnative

@@ -8,6 +8,7 @@ namespace bindings {
 void register_extras(py::module_& m) {
     register_crash(m);
     register_bench(m);
+    register_handler(m);
 }
 
 }  // namespace bindings

@@ -21,13 +21,23 @@ py::dict stats_dict(const ServerStats& s) {
     return d;
 }
 
+// Destroying a Server stops it and waits for its workers, which may be waiting for the GIL to
+// call a Python handler: pybind11 deallocates with the GIL held, so give it up meanwhile.
+struct ReleaseGilDelete {
+    void operator()(Server* s) const {
+        py::gil_scoped_release nogil;
+        delete s;
+    }
+};
+using ServerHolder = std::unique_ptr<Server, ReleaseGilDelete>;
+
 }  // namespace
 
 void register_server(py::module_& m) {
-    py::class_<Server>(m, "Server")
+    py::class_<Server, ServerHolder>(m, "Server")
         .def(py::init([](const std::string& host, int port, int workers, const std::string& backend,
                          size_t buffer_size, size_t max_connections, double idle_timeout,
-                         bool verbose) {
+                         bool verbose, const py::object& handler) {
                  if (port < 0 || port > 65535) {
                      throw std::invalid_argument("port must be in 0..65535, got " +
                                                  std::to_string(port));
@@ -42,11 +52,11 @@ void register_server(py::module_& m) {
                  cfg.idle_timeout = idle_timeout;
                  cfg.verbose = verbose;
                  validate(cfg);
-                 return std::make_unique<Server>(cfg);
+                 return ServerHolder(new Server(cfg, as_data_handler(handler)));
              }),
              py::arg("host"), py::arg("port"), py::arg("workers"), py::arg("backend"),
              py::arg("buffer_size"), py::arg("max_connections"), py::arg("idle_timeout"),
-             py::arg("verbose"))
+             py::arg("verbose"), py::arg("handler") = py::none())
         .def("start", &Server::start, py::call_guard<py::gil_scoped_release>())
         .def("stop", &Server::stop, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
         .def("stats", [](const Server& s) { return stats_dict(s.stats()); })

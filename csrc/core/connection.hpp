@@ -34,8 +34,10 @@ struct Connection {
     // Backend-private per-connection state (epoll: readiness and the waiting operation).
     uint32_t backend_flags = 0;
     IoData* backend_io = nullptr;
-    // Reply bytes a handler produced beyond what one IoData carries (issue: Python handlers).
+    // A handler's reply larger than one IoData: sent from pending_off on, one IoData at a time
+    // (an offset rather than erasing the sent prefix, which would be quadratic in the size).
     std::unique_ptr<std::string> pending_out;
+    size_t pending_off = 0;
     // Intrusive list of the owning table.
     Connection* prev = nullptr;
     Connection* next = nullptr;

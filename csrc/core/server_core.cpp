@@ -180,6 +180,16 @@ ServerStats ServerCore::stats() const {
     return s;
 }
 
+// --- DataHandler ---------------------------------------------------------------------------
+
+void DataHandler::on_batch(DataChunk* chunks, size_t n, const std::atomic<bool>& stopping) {
+    for (size_t i = 0; i < n && !stopping.load(std::memory_order_relaxed); ++i) {
+        DataChunk& ch = chunks[i];
+        ch.ok = on_data(ch.conn_id, ch.data, ch.len, ch.out);
+        ch.handled = true;
+    }
+}
+
 // --- Server: the public face ------------------------------------------------------------------
 
 Server::Server(ServerConfig cfg, std::shared_ptr<DataHandler> handler)

@@ -32,6 +32,7 @@ public:
     const ServerConfig& config() const { return cfg_; }
     DataHandler* handler() const { return handler_.get(); }
     bool stop_requested() const { return stop_requested_.load(std::memory_order_acquire); }
+    const std::atomic<bool>& stop_flag() const { return stop_requested_; }
     std::atomic<int64_t>& active_connections() { return active_; }
     uint64_t next_connection_id() { return next_id_.fetch_add(1, std::memory_order_relaxed) + 1; }
     void worker_finished();

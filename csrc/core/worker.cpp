@@ -30,7 +30,8 @@ Worker::Worker(ServerCore& core, int index, std::unique_ptr<Poller> poller, IoDa
       poller_(std::move(poller)),
       pool_(pool),
       table_(table),
-      stats_(stats) {
+      stats_(stats),
+      handler_(core.handler()) {
     const double idle = core_.config().idle_timeout;
     // 0 means never; a tiny timeout still means 1 ms, a huge one (kNeverSeconds) means never.
     if (idle > 0 && idle < kNeverSeconds) {
@@ -51,8 +52,7 @@ void Worker::run() noexcept {
             Event events[kMaxEvents];
             for (int spins = 0; spins < 1000 && !(table_.empty() && poller_->quiescent());
                  ++spins) {
-                const int n = poller_->wait(events, kMaxEvents, 10);
-                for (int i = 0; i < n; ++i) dispatch(events[i]);
+                handle_events(events, poller_->wait(events, kMaxEvents, 10));
             }
         } catch (...) {
         }
@@ -77,9 +77,35 @@ void Worker::loop() {
         if (draining_ && table_.empty() && poller_->quiescent()) return;
         const int n = poller_->wait(events, kMaxEvents, wait_timeout_ms());
         if (idle_ms_ > 0 || core_.config().verbose) now_ms_ = monotonic_ms();
-        for (int i = 0; i < n; ++i) dispatch(events[i]);
+        handle_events(events, n);
         if (idle_ms_ > 0 && !draining_ && now_ms_ >= next_idle_scan_ms_) scan_idle();
     }
+}
+
+void Worker::handle_events(const Event* events, int n) {
+    // The echo path pays one branch per batch for the handler mode, nothing per event.
+    if (handler_ != nullptr) return handle_events_with_handler(events, n);
+    for (int i = 0; i < n; ++i) dispatch(events[i]);
+}
+
+// Handler mode: every other event is handled in order; the Recv completions that carry data are
+// staged and handed to the handler in one on_batch call (one GIL acquisition for a Python
+// handler), then each reply is posted. Reordering is safe: a connection has at most one
+// operation in flight, so it has at most one event in a batch.
+void Worker::handle_events_with_handler(const Event* events, int n) {
+    staged_.clear();
+    for (int i = 0; i < n; ++i) {
+        const Event& ev = events[i];
+        if (ev.kind == Event::Kind::Recv && recv_usable(*ev.conn, ev.result)) {
+            stage_chunk(*ev.conn, *ev.io, ev.result);
+        } else {
+            dispatch(ev);
+        }
+    }
+    const size_t k = staged_.size();
+    if (k == 0) return;
+    handler_->on_batch(chunks_.data(), k, core_.stop_flag());
+    for (size_t i = 0; i < k; ++i) finish_chunk(chunks_[i], *staged_[i].conn, *staged_[i].io);
 }
 
 void Worker::dispatch(const Event& ev) {
@@ -124,7 +150,11 @@ void Worker::on_accepted(socket_t s) {
     WorkerStats::add(stats_.total_connections, 1);
     table_.add(c);
     if (core_.config().verbose) log_connect(*c);
-    if (DataHandler* h = core_.handler()) h->on_connect(c->id, net::peer_name(s));
+    if (handler_ != nullptr && !handler_->on_connect(c->id, net::peer_name(s))) {
+        WorkerStats::add(stats_.handler_errors, 1);
+        close_connection(*c);
+        return op_done_check(*c);
+    }
     post_recv(*c);
 }
 
@@ -141,27 +171,26 @@ void Worker::post_send(Connection& c, IoData& io) {
     poller_->post_send(c, io);
 }
 
+bool Worker::recv_usable(const Connection& c, int64_t result) const {
+    return result > 0 && !c.closing && !c.close_requested.load(std::memory_order_relaxed);
+}
+
 void Worker::on_recv(Connection& c, IoData* io, int64_t result) {
-    if (result <= 0 || c.closing || c.close_requested.load(std::memory_order_relaxed)) {
-        pool_.release(io);
-        if (!c.closing) close_connection(c);
-        return op_done(c);
-    }
+    if (!recv_usable(c, result)) return on_recv_failed(c, io);
     WorkerStats::add(stats_.bytes_received, result);
     c.last_active_ms = now_ms_;
     io->len = static_cast<uint32_t>(result);
     io->offset = 0;
-    if (core_.handler() != nullptr && !reply_with_handler(c, *io)) {
-        pool_.release(io);
-        close_connection(c);
-        return op_done(c);
-    }
-    --c.ops_in_flight;  // the recv is done; the send below (or the next recv) takes over
-    if (io->len == 0) {
-        pool_.release(io);  // the handler had nothing to say
-        return post_recv(c);
-    }
+    --c.ops_in_flight;  // the recv is done; the send below takes over
     post_send(c, *io);
+}
+
+// EOF, an error, or a connection already closing: the buffer (if any) goes back and the
+// connection closes.
+void Worker::on_recv_failed(Connection& c, IoData* io) {
+    pool_.release(io);
+    if (!c.closing) close_connection(c);
+    op_done(c);
 }
 
 void Worker::on_send(Connection& c, IoData& io, int64_t result) {
@@ -181,28 +210,57 @@ void Worker::on_send(Connection& c, IoData& io, int64_t result) {
     post_recv(c);
 }
 
-// Runs the handler on the received chunk in `io` and puts (the first part of) its reply back
-// into `io`; what does not fit waits in c.pending_out. Returns false on a handler error.
-bool Worker::reply_with_handler(Connection& c, IoData& io) {
-    std::string out;
-    if (!core_.handler()->on_data(c.id, io.data(), io.len, out)) {
-        WorkerStats::add(stats_.handler_errors, 1);
-        return false;
-    }
-    io.len = 0;
+void Worker::stage_chunk(Connection& c, IoData& io, int64_t result) {
+    WorkerStats::add(stats_.bytes_received, result);
+    c.last_active_ms = now_ms_;
+    io.len = static_cast<uint32_t>(result);
     io.offset = 0;
-    if (out.empty()) return true;
-    c.pending_out = std::make_unique<std::string>(std::move(out));
-    fill_from_pending(c, io);
-    return true;
+    const size_t i = staged_.size();
+    staged_.push_back(Staged{&c, &io});
+    if (chunks_.size() <= i) chunks_.emplace_back();
+    DataChunk& ch = chunks_[i];
+    ch.conn_id = c.id;
+    ch.data = io.data();
+    ch.len = io.len;
+    ch.out.clear();  // keeps its capacity: small replies need no allocation
+    ch.handled = false;
+    ch.ok = true;
+}
+
+// Posts the handler's reply to one chunk: what fits goes into the chunk's own IoData, the rest
+// waits in c.pending_out and follows one IoData at a time, in order (on_send).
+void Worker::finish_chunk(DataChunk& chunk, Connection& c, IoData& io) {
+    if (!chunk.ok) WorkerStats::add(stats_.handler_errors, 1);
+    if (!chunk.handled || !chunk.ok || c.close_requested.load(std::memory_order_relaxed)) {
+        return on_recv_failed(c, &io);
+    }
+    --c.ops_in_flight;  // the recv is done; the send (or the next recv) takes over
+    const size_t n = chunk.out.size();
+    if (n == 0) {
+        pool_.release(&io);  // the handler had nothing to say
+        return post_recv(c);
+    }
+    if (n <= io.capacity) {
+        std::memcpy(io.data(), chunk.out.data(), n);
+        io.len = static_cast<uint32_t>(n);
+        io.offset = 0;
+    } else {
+        c.pending_out = std::make_unique<std::string>(std::move(chunk.out));
+        c.pending_off = 0;
+        fill_from_pending(c, io);
+    }
+    post_send(c, io);
 }
 
 bool Worker::fill_from_pending(Connection& c, IoData& io) {
-    std::string& p = *c.pending_out;
-    const size_t n = std::min<size_t>(p.size(), io.capacity);
-    std::memcpy(io.data(), p.data(), n);
-    p.erase(0, n);
-    if (p.empty()) c.pending_out.reset();
+    const std::string& p = *c.pending_out;
+    const size_t n = std::min<size_t>(p.size() - c.pending_off, io.capacity);
+    std::memcpy(io.data(), p.data() + c.pending_off, n);
+    c.pending_off += n;
+    if (c.pending_off == p.size()) {
+        c.pending_out.reset();
+        c.pending_off = 0;
+    }
     io.len = static_cast<uint32_t>(n);
     io.offset = 0;
     return n > 0;
@@ -225,7 +283,9 @@ void Worker::op_done_check(Connection& c) {
         std::fprintf(stderr, "iocpnative: connection %llu closed\n",
                      static_cast<unsigned long long>(c.id));
     }
-    if (DataHandler* h = core_.handler()) h->on_disconnect(c.id);
+    if (handler_ != nullptr && !handler_->on_disconnect(c.id)) {
+        WorkerStats::add(stats_.handler_errors, 1);
+    }
     table_.remove(&c);
     core_.active_connections().fetch_sub(1, std::memory_order_relaxed);
     delete &c;

@@ -1,6 +1,8 @@
 // Worker: one native thread running the completion loop and the echo state machine.
 //
-//   Recv completed, n > 0  -> post Send of exactly those n bytes (or of the handler's reply)
+//   Recv completed, n > 0  -> post Send of exactly those n bytes (or of the handler's reply;
+//                             in handler mode the Recv completions of one batch are collected
+//                             and handed to the handler together, then their replies posted)
 //   Send completed         -> post the rest if it was short, else post the next Recv
 //   Recv 0 / any error     -> close the connection; its IoData goes back to the pool
 //
@@ -9,10 +11,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "../backend/backend.hpp"
 #include "connection.hpp"
 #include "io_data.hpp"
+#include "iocpnative/server.hpp"
 #include "stats.hpp"
 
 namespace iocpnative {
@@ -29,11 +33,16 @@ public:
 
 private:
     void loop();
+    void handle_events(const Event* events, int n);
+    void handle_events_with_handler(const Event* events, int n);
     void dispatch(const Event& ev);
     void on_accepted(socket_t s);
+    bool recv_usable(const Connection& c, int64_t result) const;
     void on_recv(Connection& c, IoData* io, int64_t result);
+    void on_recv_failed(Connection& c, IoData* io);
     void on_send(Connection& c, IoData& io, int64_t result);
-    bool reply_with_handler(Connection& c, IoData& io);
+    void stage_chunk(Connection& c, IoData& io, int64_t result);
+    void finish_chunk(DataChunk& chunk, Connection& c, IoData& io);
     bool fill_from_pending(Connection& c, IoData& io);
     void post_recv(Connection& c);
     void post_send(Connection& c, IoData& io);
@@ -51,6 +60,15 @@ private:
     IoDataPool& pool_;
     ConnectionTable& table_;
     WorkerStats& stats_;
+    DataHandler* const handler_;  // nullptr: the plain echo path
+    // Handler mode: the Recv completions of one wait() batch, handed to the handler at once.
+    // staged_[i] is the (connection, buffer) of chunks_[i]; both keep their capacity.
+    struct Staged {
+        Connection* conn;
+        IoData* io;
+    };
+    std::vector<Staged> staged_;
+    std::vector<DataChunk> chunks_;
     bool draining_ = false;
     int64_t now_ms_ = 0;
     int64_t idle_ms_ = 0;  // idle timeout in ms, 0 = never

@@ -17,7 +17,7 @@ from ._crash import (
     enable_crash_dumps,
     trigger_test_crash,
 )
-from ._server import Server, ServerStats
+from ._server import ConnectCallback, DisconnectCallback, Handler, Reply, Server, ServerStats
 
 __version__: str = _native.__version__
 
@@ -25,6 +25,10 @@ __all__ = [
     "BackendStatus",
     "BenchResult",
     "Client",
+    "ConnectCallback",
+    "DisconnectCallback",
+    "Handler",
+    "Reply",
     "Server",
     "ServerStats",
     "__version__",

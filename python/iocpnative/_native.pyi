@@ -15,6 +15,18 @@ def disable_crash_dumps() -> None: ...
 def crash_dump_directory() -> str: ...
 def trigger_test_crash() -> NoReturn: ...
 
+class Handler:
+    """Python callables for a Server, called on the native worker threads."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Buffer | None],
+        pass_conn_id: bool,
+        on_connect: Callable[[int, str], object] | None,
+        on_disconnect: Callable[[int], object] | None,
+        report: Callable[[str, int, BaseException], object],
+    ) -> None: ...
+
 class Server:
     def __init__(
         self,
@@ -26,6 +38,7 @@ class Server:
         max_connections: int,
         idle_timeout: float,
         verbose: bool,
+        handler: Handler | None = None,
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self, timeout: float) -> None: ...

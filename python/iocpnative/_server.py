@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
+import inspect
+import logging
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from types import FrameType, TracebackType
@@ -24,6 +28,22 @@ from ._validate import (
 
 DEFAULT_BUFFER_SIZE = 16384
 DEFAULT_MAX_CONNECTIONS = 10000
+
+logger = logging.getLogger("iocpnative")
+
+#: What a handler may return: the bytes to send back (any bytes-like object), or None for nothing.
+Reply = bytes | bytearray | memoryview | None
+#: ``fn(data) -> Reply``, or ``fn(conn_id, data) -> Reply`` when it declares two parameters.
+Handler = Callable[[bytes], Reply] | Callable[[int, bytes], Reply]
+#: ``on_connect(conn_id, peer)``, peer as ``"host:port"``.
+ConnectCallback = Callable[[int, str], object]
+#: ``on_disconnect(conn_id)``.
+DisconnectCallback = Callable[[int], object]
+
+# Seconds between the warnings the interpreter-exit hook logs while a handler keeps a server from
+# stopping.
+_EXIT_STOP_TIMEOUT = 5.0
+_servers_with_callbacks: weakref.WeakSet[Server] = weakref.WeakSet()
 
 
 @dataclass(frozen=True)
@@ -47,8 +67,74 @@ class ServerStats:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def _report_callback_error(where: str, conn_id: int, exc: BaseException) -> None:
+    """Called by the native workers (GIL held) when a Python callback raised."""
+    what = "closing the connection" if where != "on_disconnect" else "connection already closed"
+    logger.error("iocpnative %s raised on connection %d (%s)", where, conn_id, what, exc_info=exc)
+
+
+def _takes_conn_id(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` declares two positional parameters: it is called as fn(conn_id, data).
+
+    Parameters with defaults count only when no parameter is required; a callable whose
+    signature cannot be read (some builtins) is called with the data alone.
+    """
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    required = [p for p in positional if p.default is inspect.Parameter.empty]
+    if len(required) > 2:
+        raise ValueError(
+            f"handler must take (data) or (conn_id, data), but {fn!r} requires "
+            f"{len(required)} positional arguments"
+        )
+    return len(required) == 2 or (not required and len(positional) >= 2)
+
+
+def _make_native_handler(
+    handler: Handler | None,
+    on_connect: ConnectCallback | None,
+    on_disconnect: DisconnectCallback | None,
+) -> _native.Handler | None:
+    if handler is None:
+        if on_connect is not None or on_disconnect is not None:
+            raise ValueError("on_connect and on_disconnect need a handler")
+        return None
+    for name, fn in (
+        ("handler", handler),
+        ("on_connect", on_connect),
+        ("on_disconnect", on_disconnect),
+    ):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {fn!r}")
+    return _native.Handler(
+        handler, _takes_conn_id(handler), on_connect, on_disconnect, _report_callback_error
+    )
+
+
+@atexit.register
+def _stop_servers_at_exit() -> None:
+    # Worker threads must not call into an interpreter that is finalizing: a thread that wakes
+    # up in a finalizing interpreter is ended inside Python, under our native frames. So stop
+    # servers with Python callbacks while the interpreter is still whole, and, like Python's own
+    # non-daemon threads, wait for a blocked handler to return.
+    for srv in list(_servers_with_callbacks):
+        while True:
+            try:
+                srv.stop(_EXIT_STOP_TIMEOUT)
+                break
+            except TimeoutError:
+                logger.warning("%r: waiting at exit for a handler to return", srv)
+
+
 class Server:
-    """A TCP echo server on native worker threads.
+    """A TCP server on native worker threads: an echo server, or your Python handler's.
 
     ``port=0`` picks a free port (read it back from ``.port`` after ``start()``). ``workers``
     defaults to the CPU count. ``backend="auto"`` takes the best backend usable here (see
@@ -56,6 +142,27 @@ class Server:
     ``buffer_size`` is the most one receive reads; ``max_connections`` caps concurrent
     connections (more are accepted and closed at once, counted in ``rejected_connections``);
     ``idle_timeout`` closes a connection that has received nothing for that many seconds.
+
+    ``handler``: without it the server echoes every byte natively. With it, ``handler(data)``
+    (or ``handler(conn_id, data)`` if it declares two positional parameters) is called on a
+    worker thread with each chunk received on a connection, as ``bytes``, and what it returns
+    (``bytes``, ``bytearray``, ``memoryview`` or any bytes-like object) is sent back on that
+    connection, in order; ``None`` sends nothing. TCP has no message boundaries: a chunk is
+    whatever one receive returned (at most ``buffer_size`` bytes), not a message the peer sent;
+    one send may arrive split over several calls and several sends may arrive in one. Keep
+    per-connection buffers (keyed by ``conn_id``) to reassemble messages. A connection's calls
+    never overlap; calls for different connections may run on different workers. The worker
+    holds the GIL only around the calls, and calls the handler for all chunks of one completion
+    batch under one GIL acquisition. While a reply is being sent, the connection reads nothing
+    more (back-pressure).
+
+    If the handler raises, or returns anything else, the exception is logged with its traceback
+    on the ``"iocpnative"`` logger, the connection is closed, ``stats().handler_errors`` grows,
+    and the other connections are served on. ``on_connect(conn_id, peer)`` and
+    ``on_disconnect(conn_id)`` are optional; an exception in them is logged and counted the same
+    way (and closes the connection, for on_connect). on_disconnect is called once for every
+    connection on_connect saw. A handler that blocks cannot hold up ``stop()`` past its timeout;
+    a callback must not call ``stop()`` itself (it would wait for its own worker).
 
     Raises ``ValueError`` for bad arguments (here, before any socket exists), ``OSError`` from
     ``start()`` for system failures (``errno.EADDRINUSE`` when the port is taken).
@@ -71,7 +178,9 @@ class Server:
         buffer_size: int = DEFAULT_BUFFER_SIZE,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float | None = None,
-        handler: Callable[..., Any] | None = None,
+        handler: Handler | None = None,
+        on_connect: ConnectCallback | None = None,
+        on_disconnect: DisconnectCallback | None = None,
         verbose: bool = False,
     ) -> None:
         self._host = check_host(host)
@@ -81,8 +190,7 @@ class Server:
         buffer_size = check_positive_int("buffer_size", buffer_size, MAX_BUFFER_SIZE)
         max_connections = check_positive_int("max_connections", max_connections, MAX_CONNECTIONS)
         idle = check_timeout("idle_timeout", idle_timeout, allow_none=True)
-        if handler is not None:
-            raise NotImplementedError("Python handlers are not supported yet")
+        native_handler = _make_native_handler(handler, on_connect, on_disconnect)
         # Raises ValueError naming the usable backends when this one is not usable here.
         self._backend = _native.resolve_backend(backend)
         self._workers = w or (os.cpu_count() or 1)
@@ -95,7 +203,9 @@ class Server:
             max_connections,
             idle or 0.0,
             bool(verbose),
+            native_handler,
         )
+        self._has_callbacks = native_handler is not None
         self._stop_event = threading.Event()
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -107,17 +217,20 @@ class Server:
         self._native.start()
         self._backend = self._native.backend
         self._workers = self._native.workers
+        if self._has_callbacks:
+            _servers_with_callbacks.add(self)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every connection, drain all I/O, join the workers, free the pool.
 
         Idempotent. Blocks until done, at most ``timeout`` seconds (``TimeoutError`` after that,
-        which only a blocking handler can cause).
+        which only a blocking handler can cause: call ``stop()`` again once it has returned).
         """
         t = check_timeout("timeout", timeout, allow_none=False)
         try:
             self._native.stop(t)
+            _servers_with_callbacks.discard(self)
         finally:
             self._stop_event.set()
 

@@ -6,9 +6,11 @@ Errors print one line to stderr and exit non-zero; no traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 from ._backends import backend_statuses
@@ -43,7 +45,24 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _load_callable(spec: str) -> Callable[..., Any]:
+    """``package.module:function`` -> the function (ValueError if it cannot be found)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"--handler must be module:function, got {spec!r}")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--handler {spec}: {e}") from e
+    if not callable(obj):
+        raise ValueError(f"--handler {spec} is not callable")
+    return obj
+
+
 def _make_server(args: argparse.Namespace, port: int | None = None) -> Server:
+    spec = getattr(args, "handler", None)
     return Server(
         args.host,
         args.port if port is None else port,
@@ -53,6 +72,7 @@ def _make_server(args: argparse.Namespace, port: int | None = None) -> Server:
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
         verbose=getattr(args, "verbose", False),
+        handler=_load_callable(spec) if spec else None,
     )
 
 
@@ -124,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         default=None,
         help="on a native crash, write a report (Linux .crash, Windows .dmp) into DIR",
+    )
+    p.add_argument(
+        "--handler",
+        metavar="MODULE:FUNCTION",
+        help="reply with FUNCTION(data) (a Python handler) instead of echoing",
     )
     p.set_defaults(func=cmd_server)
 

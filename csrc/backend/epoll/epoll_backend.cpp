@@ -10,6 +10,11 @@
 //                          EAGAIN, clears it; the next edge sets it again. With EPOLLET a new
 //                          edge is raised for every new arrival of data or buffer space, so no
 //                          wake-up is lost by assuming "short = drained".
+//   kPeerDone              EPOLLRDHUP/EPOLLHUP/EPOLLERR was seen: the end of the stream (or an
+//                          error) is queued behind the data, and no further edge will announce
+//                          it, so a short read must not clear kReadable (the next recv returns
+//                          the 0 or the error). Without this a connection that sends nothing
+//                          back (a handler returning None) would never see the peer's FIN.
 //   kWantRecv / kWantSend  an operation is posted and its completion not yet queued. close()
 //                          turns exactly these into -ECANCELED completions, so every posted
 //                          operation completes exactly once.
@@ -37,6 +42,7 @@ constexpr uint32_t kReadable = 1u << 0;
 constexpr uint32_t kWritable = 1u << 1;
 constexpr uint32_t kWantRecv = 1u << 2;
 constexpr uint32_t kWantSend = 1u << 3;
+constexpr uint32_t kPeerDone = 1u << 4;
 
 constexpr int kEpollBatch = 128;
 constexpr int kAcceptBurst = 64;         // accepts per readiness event, for fairness
@@ -173,6 +179,7 @@ private:
         if (ev.data.ptr == &listen_tag_) return accept_ready();
         auto& c = *static_cast<Connection*>(ev.data.ptr);
         if (ev.events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c.backend_flags |= kReadable;
+        if (ev.events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) c.backend_flags |= kPeerDone;
         if (ev.events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) c.backend_flags |= kWritable;
         if ((c.backend_flags & (kWantRecv | kReadable)) == (kWantRecv | kReadable)) do_recv(c);
         if ((c.backend_flags & (kWantSend | kWritable)) == (kWantSend | kWritable)) do_send(c);
@@ -197,7 +204,9 @@ private:
             pool_.release(io);
             return push(Event::Kind::Recv, c, nullptr, -err);
         }
-        if (static_cast<size_t>(n) < io->capacity) c.backend_flags &= ~kReadable;
+        if (static_cast<size_t>(n) < io->capacity && !(c.backend_flags & kPeerDone)) {
+            c.backend_flags &= ~kReadable;
+        }
         io->conn = &c;
         io->op = Op::Recv;
         push(Event::Kind::Recv, c, io, n);

@@ -1,0 +1,210 @@
+// The DataHandler path of the core, once per backend available here, with a C++ handler:
+// replies produced per chunk (larger than one IoData, or empty), handler errors closing only
+// their connection, on_connect/on_disconnect pairing, and stop() while a handler blocks.
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "iocpnative/client.hpp"
+#include "iocpnative/errors.hpp"
+#include "iocpnative/server.hpp"
+#include "test_harness.hpp"
+
+using namespace iocpnative;
+
+namespace {
+
+template <class Fn>
+int for_each_backend(Fn&& fn) {
+    const auto names = available_backends();
+    if (names.empty()) return testh::kSkip;
+    for (const auto& name : names) {
+        std::printf("  backend %s\n", name.c_str());
+        fn(name);
+    }
+    return testh::kPass;
+}
+
+ServerConfig config_for(const std::string& backend, size_t buffer_size) {
+    ServerConfig cfg;
+    cfg.port = 0;
+    cfg.workers = 2;
+    cfg.backend = backend;
+    cfg.buffer_size = buffer_size;
+    return cfg;
+}
+
+void expect_pool_freed(const Server& srv) {
+    const ServerStats st = srv.stats();
+    ASSERT_EQ(st.pool_in_use, 0);
+    ASSERT_EQ(st.pool_allocated, 0);
+    ASSERT_EQ(st.active_connections, 0);
+}
+
+// Each received byte b comes back as `repeat` copies of toupper(b); '!' is a handler error and
+// '?' is swallowed (no reply). Byte-wise, so the replies do not depend on how reads split.
+class Expander final : public DataHandler {
+  public:
+    explicit Expander(size_t repeat) : repeat_(repeat) {}
+    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
+        for (size_t i = 0; i < len; ++i) {
+            if (data[i] == '!') return false;
+            if (data[i] == '?') continue;
+            out.append(repeat_,
+                       static_cast<char>(std::toupper(static_cast<unsigned char>(data[i]))));
+        }
+        return true;
+    }
+    void on_batch(DataChunk* chunks, size_t n, const std::atomic<bool>& stopping) override {
+        batches.fetch_add(1);
+        chunk_count.fetch_add(static_cast<int64_t>(n));
+        DataHandler::on_batch(chunks, n, stopping);
+    }
+    bool on_connect(uint64_t, const std::string& peer) override {
+        if (peer.find(':') == std::string::npos) return false;
+        connects.fetch_add(1);
+        return true;
+    }
+    bool on_disconnect(uint64_t) override {
+        disconnects.fetch_add(1);
+        return true;
+    }
+    std::atomic<int64_t> batches{0}, chunk_count{0}, connects{0}, disconnects{0};
+
+  private:
+    const size_t repeat_;
+};
+
+std::string expand(const std::string& in, size_t repeat) {
+    std::string out;
+    for (char ch : in) {
+        if (ch != '?')
+            out.append(repeat, static_cast<char>(std::toupper(static_cast<unsigned char>(ch))));
+    }
+    return out;
+}
+
+void wait_until(const std::function<bool()>& cond) {
+    for (int i = 0; i < 1000 && !cond(); ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ASSERT_TRUE(cond());
+}
+
+}  // namespace
+
+TEST_CASE(handler_replies_larger_than_buffer_in_order) {
+    return for_each_backend([](const std::string& backend) {
+        auto h = std::make_shared<Expander>(4096);
+        Server srv(config_for(backend, 16), h);
+        srv.start();
+        Client cli("127.0.0.1", srv.port(), 10.0);
+        for (const std::string msg : {"abcdefghijklmnop", "q?r", "0123456789ABCDEFxyz"}) {
+            const std::string want = expand(msg, 4096);
+            cli.send(msg.data(), msg.size());
+            std::string got(want.size(), '\0');
+            size_t have = 0;
+            while (have < got.size()) have += cli.recv(&got[have], got.size() - have);
+            ASSERT_TRUE(got == want);
+        }
+        cli.close();
+        wait_until([&] { return h->disconnects.load() == 1; });
+        srv.stop(5.0);
+        ASSERT_EQ(h->connects.load(), 1);
+        ASSERT_EQ(srv.stats().handler_errors, 0);
+        ASSERT_TRUE(h->chunk_count.load() >= h->batches.load());
+        expect_pool_freed(srv);
+    });
+}
+
+TEST_CASE(handler_error_closes_only_its_connection) {
+    return for_each_backend([](const std::string& backend) {
+        auto h = std::make_shared<Expander>(1);
+        Server srv(config_for(backend, 4096), h);
+        srv.start();
+        Client good("127.0.0.1", srv.port(), 10.0);
+        Client bad("127.0.0.1", srv.port(), 10.0);
+        char back[8];
+        good.request("ok", 2, back);
+        ASSERT_TRUE(std::memcmp(back, "OK", 2) == 0);
+        bad.send("x!", 2);
+        size_t n = 1;
+        try {
+            n = bad.recv(back, sizeof(back));
+        } catch (const SystemError&) {
+            n = 0;  // a reset is as good as EOF here
+        }
+        ASSERT_EQ(n, size_t{0});
+        wait_until([&] { return srv.stats().handler_errors == 1; });
+        good.request("go", 2, back);
+        ASSERT_TRUE(std::memcmp(back, "GO", 2) == 0);
+        srv.stop(5.0);
+        ASSERT_EQ(h->connects.load(), 2);
+        ASSERT_EQ(h->disconnects.load(), 2);
+        expect_pool_freed(srv);
+    });
+}
+
+// Blocks in on_data until released; stop() must not wait for it beyond its timeout.
+class Blocker final : public DataHandler {
+  public:
+    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
+        std::unique_lock<std::mutex> g(mu_);
+        entered_ = true;
+        cv_.notify_all();
+        cv_.wait(g, [&] { return released_; });
+        out.assign(data, len);
+        return true;
+    }
+    void wait_entered() {
+        std::unique_lock<std::mutex> g(mu_);
+        ASSERT_TRUE(cv_.wait_for(g, std::chrono::seconds(10), [&] { return entered_; }));
+    }
+    void release() {
+        std::lock_guard<std::mutex> g(mu_);
+        released_ = true;
+        cv_.notify_all();
+    }
+
+  private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool entered_ = false;
+    bool released_ = false;
+};
+
+TEST_CASE(stop_while_handler_blocks_times_out_then_completes) {
+    return for_each_backend([](const std::string& backend) {
+        auto h = std::make_shared<Blocker>();
+        ServerConfig cfg = config_for(backend, 4096);
+        cfg.workers = 1;
+        Server srv(cfg, h);
+        srv.start();
+        Client cli("127.0.0.1", srv.port(), 10.0);
+        cli.send("hold", 4);
+        h->wait_entered();
+        bool timed_out = false;
+        try {
+            srv.stop(0.1);
+        } catch (const TimeoutError&) {
+            timed_out = true;
+        }
+        ASSERT_TRUE(timed_out);
+        h->release();
+        srv.stop(5.0);
+        ASSERT_TRUE(!srv.running());
+        expect_pool_freed(srv);
+    });
+}
+
+TEST_MAIN()
