@@ -8,11 +8,14 @@
 // FILE_SKIP_COMPLETION_PORT_ON_SUCCESS, so every posted accept yields exactly one packet.
 #include "iocp_backend.hpp"
 
+#include "iocp_stats.hpp"
+
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 #include "../../core/net.hpp"
 #include "../factories.hpp"
@@ -43,6 +46,15 @@ bool skip_on_success_usable(socket_t s) {
     return (info.dwServiceFlags1 & XP1_IFS_HANDLES) != 0;
 }
 
+// An accept that fails because its peer reset before it completed: ERROR_NETNAME_DELETED on
+// Windows (python/cpython#93821), ERROR_UNEXP_NET_ERR under wine 8. It concerns that connection
+// only: the listener stays open and the accept is posted again. (ERROR_OPERATION_ABORTED is
+// stop_accepting()'s cancel.)
+bool peer_gone(DWORD err) {
+    return err == ERROR_NETNAME_DELETED || err == ERROR_UNEXP_NET_ERR ||
+           err == ERROR_CONNECTION_ABORTED;
+}
+
 LPFN_ACCEPTEX load_accept_ex(socket_t s) {
     GUID guid = WSAID_ACCEPTEX;
     LPFN_ACCEPTEX fn = nullptr;
@@ -54,7 +66,27 @@ LPFN_ACCEPTEX load_accept_ex(socket_t s) {
     return fn;
 }
 
+std::mutex g_paths_lock;
+CompletionPaths g_paths;
+
 }  // namespace
+
+CompletionPaths completion_paths() {
+    std::lock_guard<std::mutex> g(g_paths_lock);
+    return g_paths;
+}
+
+void add_completion_paths(const CompletionPaths& p) {
+    std::lock_guard<std::mutex> g(g_paths_lock);
+    g_paths.pending += p.pending;
+    g_paths.inline_success += p.inline_success;
+    g_paths.success_with_packet += p.success_with_packet;
+    g_paths.failed_at_once += p.failed_at_once;
+    g_paths.packets += p.packets;
+    g_paths.accepts_completed += p.accepts_completed;
+    g_paths.accept_resets += p.accept_resets;
+    g_paths.wakeups_forwarded += p.wakeups_forwarded;
+}
 
 void log_error(const char* what, unsigned long native_error) {
     const int err = errno_from_native(static_cast<int>(native_error));
@@ -99,6 +131,10 @@ IocpBackend::~IocpBackend() {
         std::fprintf(stderr, "iocpnative: iocp backend destroyed with %lld accepts in flight\n",
                      static_cast<long long>(accepts_in_flight_.load()));
     }
+    CompletionPaths p;
+    p.accepts_completed = accepts_completed_;
+    p.accept_resets = accept_resets_;
+    add_completion_paths(p);
     ::CloseHandle(port_);
 }
 
@@ -204,15 +240,11 @@ void IocpBackend::on_accept_complete(IoData& io, LocalQueue& ready) {
         }
     } else {
         net::close_socket(s);
-        // ERROR_NETNAME_DELETED: the peer reset before the accept completed
-        // (python/cpython#93821). It concerns that connection only: the listener stays and the
-        // accept is posted again. ERROR_OPERATION_ABORTED: stop_accepting() cancelled it.
-        if (err != ERROR_NETNAME_DELETED && err != ERROR_OPERATION_ABORTED &&
-            err != ERROR_CONNECTION_ABORTED) {
-            log_error("AcceptEx completion", err);
-        }
+        if (!peer_gone(err) && err != ERROR_OPERATION_ABORTED) log_error("AcceptEx completion", err);
     }
     std::lock_guard<std::mutex> g(accept_lock_);
+    ++accepts_completed_;
+    if (!ok && peer_gone(err)) ++accept_resets_;
     if (!accepting_) return retire_accept(io);
     post_accept(io);
 }
@@ -223,10 +255,9 @@ void IocpBackend::stop_accepting() {
     accepting_ = false;
     // Cancels the accepts posted from every thread; each then completes (aborted) and is
     // retired by on_accept_complete. ERROR_NOT_FOUND: none was pending.
-    if (accepts_in_flight_.load() > 0 &&
-        !::CancelIoEx(reinterpret_cast<HANDLE>(listener_), nullptr) &&
-        ::GetLastError() != ERROR_NOT_FOUND) {
-        log_error("CancelIoEx(listener)", ::GetLastError());
+    if (accepts_in_flight_.load() > 0 && !::CancelIoEx(reinterpret_cast<HANDLE>(listener_), nullptr)) {
+        const DWORD err = ::GetLastError();
+        if (err != ERROR_NOT_FOUND) log_error("CancelIoEx(listener)", err);
     }
 }
 

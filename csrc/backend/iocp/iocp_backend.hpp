@@ -106,6 +106,8 @@ private:
     std::mutex accept_lock_;  // orders re-posts against stop_accepting()'s cancel
     bool accepting_ = true;
     std::atomic<int64_t> accepts_in_flight_{0};
+    int64_t accepts_completed_ = 0;  // under accept_lock_, for iocp_stats.hpp
+    int64_t accept_resets_ = 0;
     // AcceptEx address buffers, one per pre-posted accept (the IoData's own buffer may be
     // smaller than two addresses: buffer_size can be 1). IoData::offset holds the slot index.
     std::vector<std::unique_ptr<char[]>> address_slots_;

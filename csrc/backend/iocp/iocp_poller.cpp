@@ -16,6 +16,7 @@
 
 #include "../../core/net.hpp"
 #include "iocp_backend.hpp"
+#include "iocp_stats.hpp"
 #include "iocpnative/errors.hpp"
 
 namespace iocpnative {
@@ -32,7 +33,10 @@ public:
     IocpPoller(IocpBackend& backend, const PollerContext& ctx)
         : backend_(backend), pool_(*ctx.pool), index_(ctx.index) {}
 
-    ~IocpPoller() override { ready_.discard(pool_); }
+    ~IocpPoller() override {
+        ready_.discard(pool_);
+        add_completion_paths(paths_);
+    }
 
     int wait(Event* out, int max, int timeout_ms) override {
         if (index_ == 0 && !accepts_started_) {
@@ -76,6 +80,7 @@ public:
         std::lock_guard<std::mutex> g(backend_.lock_for(c));
         if (c.close_requested.load()) {
             pool_.release(io);
+            ++paths_.failed_at_once;
             return push(Event::Kind::Recv, c, nullptr, -ECANCELED);
         }
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
@@ -90,7 +95,10 @@ public:
         buf.buf = io.data() + io.offset;
         DWORD bytes = 0;
         std::lock_guard<std::mutex> g(backend_.lock_for(c));
-        if (c.close_requested.load()) return push(Event::Kind::Send, c, &io, -ECANCELED);
+        if (c.close_requested.load()) {
+            ++paths_.failed_at_once;
+            return push(Event::Kind::Send, c, &io, -ECANCELED);
+        }
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
         const int rc = ::WSASend(c.sock, &buf, 1, &bytes, 0, &io.overlapped, nullptr);
         finish_post(Event::Kind::Send, c, io, skip, rc, bytes);
@@ -132,12 +140,20 @@ private:
     void finish_post(Event::Kind kind, Connection& c, IoData& io, bool skip, int rc,
                      DWORD bytes) {
         if (rc == 0) {
-            if (skip) push(kind, c, &io, static_cast<int64_t>(bytes));
-            return;  // without skip mode the packet is on its way
+            if (!skip) {
+                ++paths_.success_with_packet;
+                return;  // without skip mode the packet is on its way
+            }
+            ++paths_.inline_success;
+            return push(kind, c, &io, static_cast<int64_t>(bytes));
         }
         const int err = ::WSAGetLastError();
-        if (err == WSA_IO_PENDING) return;
+        if (err == WSA_IO_PENDING) {
+            ++paths_.pending;
+            return;
+        }
         // Failed at once: no packet will ever come for this IoData.
+        ++paths_.failed_at_once;
         if (kind == Event::Kind::Recv) {
             pool_.release(&io);
             return push(kind, c, nullptr, -errno_from_native(err));
@@ -164,6 +180,7 @@ private:
         IoData& io = *reinterpret_cast<IoData*>(entry.lpOverlapped);
         if (io.op == Op::Accept) return backend_.on_accept_complete(io, ready_);
         Connection& c = *io.conn;
+        ++paths_.packets;
         DWORD bytes = 0;
         // With bWait FALSE the handle is not used; the status is read from the OVERLAPPED.
         const BOOL ok =
@@ -182,6 +199,7 @@ private:
             woken_ = true;
             return;
         }
+        ++paths_.wakeups_forwarded;
         wake();
     }
 
@@ -200,6 +218,7 @@ private:
     bool accepts_started_ = false;
     bool woken_ = false;
     LocalQueue ready_;
+    CompletionPaths paths_;
 };
 
 }  // namespace
