@@ -46,14 +46,13 @@ CompletionPaths delta(const CompletionPaths& a, const CompletionPaths& b) {
 }
 
 void print(const CompletionPaths& d) {
-    std::printf("  pending=%lld inline_success=%lld success_with_packet=%lld failed_at_once=%lld "
-                "packets=%lld accepts=%lld accept_resets=%lld wakeups_forwarded=%lld\n",
-                static_cast<long long>(d.pending), static_cast<long long>(d.inline_success),
-                static_cast<long long>(d.success_with_packet),
-                static_cast<long long>(d.failed_at_once), static_cast<long long>(d.packets),
-                static_cast<long long>(d.accepts_completed),
-                static_cast<long long>(d.accept_resets),
-                static_cast<long long>(d.wakeups_forwarded));
+    std::printf(
+        "  pending=%lld inline_success=%lld success_with_packet=%lld failed_at_once=%lld "
+        "packets=%lld accepts=%lld accept_resets=%lld wakeups_forwarded=%lld\n",
+        static_cast<long long>(d.pending), static_cast<long long>(d.inline_success),
+        static_cast<long long>(d.success_with_packet), static_cast<long long>(d.failed_at_once),
+        static_cast<long long>(d.packets), static_cast<long long>(d.accepts_completed),
+        static_cast<long long>(d.accept_resets), static_cast<long long>(d.wakeups_forwarded));
 }
 
 void expect_pool_freed(const Server& srv) {

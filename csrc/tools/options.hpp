@@ -12,7 +12,7 @@ namespace iocpnative {
 namespace tools {
 
 class Options {
-public:
+  public:
     Options(int argc, char** argv) : argc_(argc), argv_(argv) {}
 
     // Advances to the next argument; false at the end.
@@ -68,7 +68,7 @@ public:
         throw std::invalid_argument("unknown argument '" + flag_ + "' (see --help)");
     }
 
-private:
+  private:
     int argc_;
     char** argv_;
     int index_ = 0;

@@ -52,17 +52,28 @@ Settings parse(int argc, char** argv) {
     iocpnative::tools::Options opt(argc, argv);
     while (opt.next()) {
         const std::string& f = opt.flag();
-        if (f == "-h" || f == "--help") s.help = true;
-        else if (f == "--host") s.cfg.host = opt.text();
-        else if (f == "--port") s.cfg.port = static_cast<uint16_t>(opt.integer(0, 65535));
-        else if (f == "--workers") s.cfg.workers = static_cast<int>(opt.integer(1, 1024));
-        else if (f == "--backend") s.cfg.backend = opt.text();
-        else if (f == "--buffer-size") s.cfg.buffer_size = static_cast<size_t>(opt.integer(1, 64LL << 20));
-        else if (f == "--max-connections") s.cfg.max_connections = static_cast<size_t>(opt.integer(1, 1LL << 40));
-        else if (f == "--idle-timeout") s.cfg.idle_timeout = opt.number(0.0);
-        else if (f == "-v" || f == "--verbose") s.cfg.verbose = true;
-        else if (f == "--run-seconds") s.run_seconds = opt.number(0.0);
-        else opt.unknown();
+        if (f == "-h" || f == "--help")
+            s.help = true;
+        else if (f == "--host")
+            s.cfg.host = opt.text();
+        else if (f == "--port")
+            s.cfg.port = static_cast<uint16_t>(opt.integer(0, 65535));
+        else if (f == "--workers")
+            s.cfg.workers = static_cast<int>(opt.integer(1, 1024));
+        else if (f == "--backend")
+            s.cfg.backend = opt.text();
+        else if (f == "--buffer-size")
+            s.cfg.buffer_size = static_cast<size_t>(opt.integer(1, 64LL << 20));
+        else if (f == "--max-connections")
+            s.cfg.max_connections = static_cast<size_t>(opt.integer(1, 1LL << 40));
+        else if (f == "--idle-timeout")
+            s.cfg.idle_timeout = opt.number(0.0);
+        else if (f == "-v" || f == "--verbose")
+            s.cfg.verbose = true;
+        else if (f == "--run-seconds")
+            s.run_seconds = opt.number(0.0);
+        else
+            opt.unknown();
     }
     iocpnative::validate(s.cfg);
     return s;
@@ -175,9 +186,10 @@ int run(const Settings& s) {
     prepare_signals();
     iocpnative::Server srv(s.cfg);
     srv.start();
-    std::printf("iocpnative-server %s listening on %s:%u (backend %s, %d workers); Ctrl-C to stop\n",
-                IOCPNATIVE_VERSION, srv.host().c_str(), static_cast<unsigned>(srv.port()),
-                srv.backend().c_str(), srv.workers());
+    std::printf(
+        "iocpnative-server %s listening on %s:%u (backend %s, %d workers); Ctrl-C to stop\n",
+        IOCPNATIVE_VERSION, srv.host().c_str(), static_cast<unsigned>(srv.port()),
+        srv.backend().c_str(), srv.workers());
     std::fflush(stdout);
     const bool interrupted = wait_for_stop(s.run_seconds);
     std::printf("stopping: %s\n", interrupted ? "interrupted" : "run limit reached");

@@ -39,8 +39,7 @@ bool skip_on_success_usable(socket_t s) {
     if (env != nullptr && std::strcmp(env, "0") == 0) return false;
     WSAPROTOCOL_INFOW info;
     int len = static_cast<int>(sizeof(info));
-    if (::getsockopt(s, SOL_SOCKET, SO_PROTOCOL_INFOW, reinterpret_cast<char*>(&info), &len) !=
-        0) {
+    if (::getsockopt(s, SOL_SOCKET, SO_PROTOCOL_INFOW, reinterpret_cast<char*>(&info), &len) != 0) {
         return false;
     }
     return (info.dwServiceFlags1 & XP1_IFS_HANDLES) != 0;
@@ -61,7 +60,8 @@ LPFN_ACCEPTEX load_accept_ex(socket_t s) {
     DWORD bytes = 0;
     if (::WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &guid, sizeof(guid), &fn, sizeof(fn),
                    &bytes, nullptr, nullptr) != 0) {
-        throw make_system_error(last_socket_error(), "WSAIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER)");
+        throw make_system_error(last_socket_error(),
+                                "WSAIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER)");
     }
     return fn;
 }
@@ -107,8 +107,10 @@ int LocalQueue::take(Event* out, int max) {
 void LocalQueue::discard(IoDataPool& pool) noexcept {
     for (size_t i = head_; i < events_.size(); ++i) {
         const Event& e = events_[i];
-        if (e.kind == Event::Kind::Accepted) net::close_socket(e.accepted);
-        else pool.release(e.io);
+        if (e.kind == Event::Kind::Accepted)
+            net::close_socket(e.accepted);
+        else
+            pool.release(e.io);
     }
     events_.clear();
     head_ = 0;
@@ -150,8 +152,8 @@ void IocpBackend::init_listener(const PollerContext& ctx) {
         throw make_system_error(last_socket_error(), "getsockname(listener)");
     }
     accept_ex_ = load_accept_ex(ctx.listener);
-    if (::CreateIoCompletionPort(reinterpret_cast<HANDLE>(ctx.listener), port_, kListenerKey,
-                                 0) == nullptr) {
+    if (::CreateIoCompletionPort(reinterpret_cast<HANDLE>(ctx.listener), port_, kListenerKey, 0) ==
+        nullptr) {
         throw make_system_error(errno_from_native(static_cast<int>(::GetLastError())),
                                 "CreateIoCompletionPort(listener)");
     }
@@ -196,8 +198,8 @@ bool IocpBackend::post_accept(IoData& io) {
         io.accept_socket = s;
         DWORD bytes = 0;
         // TRUE (a connection was waiting) or WSA_IO_PENDING: either way one packet follows.
-        if (accept_ex_(listener_, s, addresses, 0, kAcceptAddressBytes, kAcceptAddressBytes,
-                       &bytes, &io.overlapped)) {
+        if (accept_ex_(listener_, s, addresses, 0, kAcceptAddressBytes, kAcceptAddressBytes, &bytes,
+                       &io.overlapped)) {
             return true;
         }
         const int err = ::WSAGetLastError();
@@ -240,7 +242,8 @@ void IocpBackend::on_accept_complete(IoData& io, LocalQueue& ready) {
         }
     } else {
         net::close_socket(s);
-        if (!peer_gone(err) && err != ERROR_OPERATION_ABORTED) log_error("AcceptEx completion", err);
+        if (!peer_gone(err) && err != ERROR_OPERATION_ABORTED)
+            log_error("AcceptEx completion", err);
     }
     std::lock_guard<std::mutex> g(accept_lock_);
     ++accepts_completed_;
@@ -255,7 +258,8 @@ void IocpBackend::stop_accepting() {
     accepting_ = false;
     // Cancels the accepts posted from every thread; each then completes (aborted) and is
     // retired by on_accept_complete. ERROR_NOT_FOUND: none was pending.
-    if (accepts_in_flight_.load() > 0 && !::CancelIoEx(reinterpret_cast<HANDLE>(listener_), nullptr)) {
+    if (accepts_in_flight_.load() > 0 &&
+        !::CancelIoEx(reinterpret_cast<HANDLE>(listener_), nullptr)) {
         const DWORD err = ::GetLastError();
         if (err != ERROR_NOT_FOUND) log_error("CancelIoEx(listener)", err);
     }
@@ -263,7 +267,9 @@ void IocpBackend::stop_accepting() {
 
 }  // namespace iocp
 
-std::unique_ptr<Backend> make_iocp_backend() { return std::make_unique<iocp::IocpBackend>(); }
+std::unique_ptr<Backend> make_iocp_backend() {
+    return std::make_unique<iocp::IocpBackend>();
+}
 
 std::string probe_iocp() {
     try {

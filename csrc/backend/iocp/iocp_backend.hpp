@@ -40,14 +40,14 @@ constexpr DWORD kAcceptAddressBytes = sizeof(sockaddr_storage) + 16;
 // OS never queues one). The worker that posted the operation returns them from its next wait(),
 // never by calling back into the core from inside a post (no recursion).
 class LocalQueue {
-public:
+  public:
     void push(const Event& e) { events_.push_back(e); }
     bool empty() const { return head_ == events_.size(); }
     int take(Event* out, int max);
     // Gives back what a worker that stopped abnormally left queued.
     void discard(IoDataPool& pool) noexcept;
 
-private:
+  private:
     std::vector<Event> events_;
     size_t head_ = 0;
 };
@@ -61,7 +61,7 @@ std::unique_ptr<Poller> make_poller(IocpBackend& backend, const PollerContext& c
 void log_error(const char* what, unsigned long native_error);
 
 class IocpBackend final : public Backend {
-public:
+  public:
     IocpBackend();
     ~IocpBackend() override;
     const char* name() const override { return "iocp"; }
@@ -71,8 +71,7 @@ public:
     HANDLE port() const { return port_; }
     bool skip_on_success() const { return skip_on_success_; }
     std::mutex& lock_for(const Connection& c) {
-        return conn_locks_[(reinterpret_cast<uintptr_t>(&c) / alignof(Connection)) %
-                           kConnLocks];
+        return conn_locks_[(reinterpret_cast<uintptr_t>(&c) / alignof(Connection)) % kConnLocks];
     }
 
     // --- the listener ---------------------------------------------------------------------
@@ -86,7 +85,7 @@ public:
     // Accepts posted and not yet retired.
     int64_t accepts_in_flight() const { return accepts_in_flight_.load(); }
 
-private:
+  private:
     void init_listener(const PollerContext& ctx);
     // Posts `io` as an AcceptEx; retires it (and returns false) when that is impossible.
     bool post_accept(IoData& io);

@@ -29,7 +29,7 @@ constexpr ULONG kBatch = 128;
 constexpr uint32_t kSkipOnSuccess = 1u << 0;
 
 class IocpPoller final : public Poller {
-public:
+  public:
     IocpPoller(IocpBackend& backend, const PollerContext& ctx)
         : backend_(backend), pool_(*ctx.pool), index_(ctx.index) {}
 
@@ -125,9 +125,7 @@ public:
 
     void stop_accepting() override { backend_.stop_accepting(); }
 
-    bool quiescent() const override {
-        return ready_.empty() && backend_.accepts_in_flight() == 0;
-    }
+    bool quiescent() const override { return ready_.empty() && backend_.accepts_in_flight() == 0; }
 
     void wake() override {
         if (!::PostQueuedCompletionStatus(backend_.port(), 0, kWakeKey, nullptr)) {
@@ -135,10 +133,9 @@ public:
         }
     }
 
-private:
+  private:
     // Called with the connection's lock held, right after WSARecv/WSASend returned `rc`.
-    void finish_post(Event::Kind kind, Connection& c, IoData& io, bool skip, int rc,
-                     DWORD bytes) {
+    void finish_post(Event::Kind kind, Connection& c, IoData& io, bool skip, int rc, DWORD bytes) {
         if (rc == 0) {
             if (!skip) {
                 ++paths_.success_with_packet;
