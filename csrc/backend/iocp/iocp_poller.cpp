@@ -12,7 +12,9 @@
 // packet (it may run before WSARecv even returns here), so only locals are used afterwards.
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstring>
+#include <type_traits>
 
 #include "../../core/net.hpp"
 #include "iocp_backend.hpp"
@@ -23,6 +25,10 @@ namespace iocpnative {
 namespace iocp {
 
 namespace {
+
+// on_packet() turns the dequeued OVERLAPPED* back into its IoData with a cast.
+static_assert(std::is_standard_layout<IoData>::value, "IoData must stay standard-layout");
+static_assert(offsetof(IoData, overlapped) == 0, "the OVERLAPPED must be IoData's first member");
 
 constexpr ULONG kBatch = 128;
 // Connection::backend_flags: this socket has FILE_SKIP_COMPLETION_PORT_ON_SUCCESS set.
