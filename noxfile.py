@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -145,17 +146,20 @@ def mingw(session: nox.Session) -> None:
         "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
     )
     tools = build_dir / "csrc" / "tools"
+    # A fresh prefix of our own (nothing in $HOME), outside the source tree: its z: drive links
+    # to /, and the sdist build walks the tree following links (build/ included).
+    prefix = Path(tempfile.mkdtemp(prefix="iocpnative-wine-"))
     env = {
-        "WINEPREFIX": str(build_dir / "wineprefix"),  # ours alone; nothing in $HOME
+        "WINEPREFIX": str(prefix),
         "WINEDEBUG": "-all",
         "WINEDLLOVERRIDES": "mscoree,mshtml=",  # no Mono/Gecko install prompts
         "IOCPNATIVE_WINE_SERVER": str(tools / "iocpnative-server.exe"),
         "IOCPNATIVE_WINE_CLIENT": str(tools / "iocpnative-client.exe"),
     }
-    # Create the prefix once, before the timed tests: a first wine start takes seconds.
-    session.run("wineboot", "-i", env=env, external=True)
-    session.run("wineserver", "-w", env=env, external=True)
     try:
+        # Create the prefix once, before the timed tests: a first wine start takes seconds.
+        session.run("wineboot", "-i", env=env, external=True)
+        session.run("wineserver", "-w", env=env, external=True)
         session.run(
             "ctest", "--test-dir", str(build_dir), "--output-on-failure", "-j", JOBS, env=env
         )
@@ -165,8 +169,9 @@ def mingw(session: nox.Session) -> None:
             str(ROOT / "tests" / "test_wine.py"), env=env,
         )  # fmt: skip
     finally:
-        # Leave no wineserver (or wine process) behind.
+        # Leave no wineserver (or wine process) and no prefix behind.
         session.run("wineserver", "-k", env=env, external=True, success_codes=[0, 1])
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 if __name__ == "__main__":
