@@ -19,6 +19,8 @@ if(IOCPNATIVE_MINGW_CC)
   set(CMAKE_C_COMPILER ${IOCPNATIVE_MINGW_CC})
 endif()
 find_program(CMAKE_RC_COMPILER NAMES ${IOCPNATIVE_MINGW_TRIPLE}-windres)
+# cmake/DebugInfo.cmake splits the tools' DWARF into x.exe.debug with it.
+find_program(CMAKE_OBJCOPY NAMES ${IOCPNATIVE_MINGW_TRIPLE}-objcopy)
 
 # Look for libraries and headers in the MinGW sysroot only; programs come from the host.
 set(CMAKE_FIND_ROOT_PATH /usr/${IOCPNATIVE_MINGW_TRIPLE})

@@ -35,20 +35,21 @@ Settings parse(int argc, char** argv) {
     iocpnative::tools::Options opt(argc, argv);
     while (opt.next()) {
         const std::string& f = opt.flag();
-        if (f == "-h" || f == "--help")
+        if (f == "-h" || f == "--help") {
             s.help = true;
-        else if (f == "--host")
+        } else if (f == "--host") {
             s.host = opt.text();
-        else if (f == "--port")
+        } else if (f == "--port") {
             s.port = static_cast<uint16_t>(opt.integer(1, 65535));
-        else if (f == "--interval")
+        } else if (f == "--interval") {
             s.interval = opt.number(0.0);
-        else if (f == "--count")
+        } else if (f == "--count") {
             s.count = opt.integer(1, 1LL << 62);
-        else if (f == "--timeout")
+        } else if (f == "--timeout") {
             s.timeout = opt.number(0.0);
-        else
+        } else {
             opt.unknown();
+        }
     }
     return s;
 }

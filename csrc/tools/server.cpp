@@ -2,13 +2,15 @@
 // `python -m iocpnative server`, plus --run-seconds for tests. Stops on Ctrl-C or SIGTERM
 // (Windows: any console control event) or when the run limit passes, then prints its final
 // stats in the Python CLI's format ("final stats: active_connections=0 ... pool_in_use=0
-// pool_allocated=0 ...") and exits 0.
+// pool_allocated=0 ...") and exits 0. --crash-dump-dir DIR writes a report of a native crash
+// there (Windows: a minidump); --test-crash crashes on purpose right after start-up, to check it.
 #include <chrono>
 #include <cstdio>
 #include <exception>
 #include <stdexcept>
 #include <string>
 
+#include "iocpnative/crash_dump.hpp"
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
 #include "options.hpp"
@@ -38,12 +40,14 @@ const char kUsage[] =
     "usage: iocpnative-server [--host HOST] [--port PORT] [--workers N]\n"
     "                         [--backend {auto,iocp,io_uring,epoll}] [--buffer-size BYTES]\n"
     "                         [--max-connections N] [--idle-timeout SECONDS] [-v]\n"
-    "                         [--run-seconds SECONDS]\n"
+    "                         [--run-seconds SECONDS] [--crash-dump-dir DIR] [--test-crash]\n"
     "Echo server; stops on Ctrl-C/SIGTERM or after --run-seconds, then prints final stats.\n";
 
 struct Settings {
     ServerConfig cfg;
     double run_seconds = 0.0;  // 0: until a signal
+    std::string crash_dump_dir;
+    bool test_crash = false;
     bool help = false;
 };
 
@@ -52,28 +56,33 @@ Settings parse(int argc, char** argv) {
     iocpnative::tools::Options opt(argc, argv);
     while (opt.next()) {
         const std::string& f = opt.flag();
-        if (f == "-h" || f == "--help")
+        if (f == "-h" || f == "--help") {
             s.help = true;
-        else if (f == "--host")
+        } else if (f == "--host") {
             s.cfg.host = opt.text();
-        else if (f == "--port")
+        } else if (f == "--port") {
             s.cfg.port = static_cast<uint16_t>(opt.integer(0, 65535));
-        else if (f == "--workers")
+        } else if (f == "--workers") {
             s.cfg.workers = static_cast<int>(opt.integer(1, 1024));
-        else if (f == "--backend")
+        } else if (f == "--backend") {
             s.cfg.backend = opt.text();
-        else if (f == "--buffer-size")
+        } else if (f == "--buffer-size") {
             s.cfg.buffer_size = static_cast<size_t>(opt.integer(1, 64LL << 20));
-        else if (f == "--max-connections")
+        } else if (f == "--max-connections") {
             s.cfg.max_connections = static_cast<size_t>(opt.integer(1, 1LL << 40));
-        else if (f == "--idle-timeout")
+        } else if (f == "--idle-timeout") {
             s.cfg.idle_timeout = opt.number(0.0);
-        else if (f == "-v" || f == "--verbose")
+        } else if (f == "-v" || f == "--verbose") {
             s.cfg.verbose = true;
-        else if (f == "--run-seconds")
+        } else if (f == "--run-seconds") {
             s.run_seconds = opt.number(0.0);
-        else
+        } else if (f == "--crash-dump-dir") {
+            s.crash_dump_dir = opt.text();
+        } else if (f == "--test-crash") {
+            s.test_crash = true;
+        } else {
             opt.unknown();
+        }
     }
     iocpnative::validate(s.cfg);
     return s;
@@ -183,6 +192,10 @@ void print_stats(const ServerStats& st) {
 }
 
 int run(const Settings& s) {
+    if (!s.crash_dump_dir.empty()) {
+        iocpnative::enable_crash_dumps(s.crash_dump_dir);
+        std::printf("crash dumps go to %s\n", iocpnative::crash_dump_directory().c_str());
+    }
     prepare_signals();
     iocpnative::Server srv(s.cfg);
     srv.start();
@@ -191,6 +204,7 @@ int run(const Settings& s) {
         IOCPNATIVE_VERSION, srv.host().c_str(), static_cast<unsigned>(srv.port()),
         srv.backend().c_str(), srv.workers());
     std::fflush(stdout);
+    if (s.test_crash) iocpnative::trigger_test_crash();  // with the workers running
     const bool interrupted = wait_for_stop(s.run_seconds);
     std::printf("stopping: %s\n", interrupted ? "interrupted" : "run limit reached");
     std::fflush(stdout);
