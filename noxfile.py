@@ -114,8 +114,8 @@ MINGW_CXX = ("x86_64-w64-mingw32-g++-posix", "x86_64-w64-mingw32-g++")
 @nox.session(reuse_venv=True)
 def mingw(session: nox.Session) -> None:
     """Windows build checked on Linux: cross-compile the core, the C++ tests and the tools with
-    MinGW-w64, run the C++ tests under wine (CTest's emulator), then tests/test_wine.py against
-    iocpnative-server.exe under wine."""
+    MinGW-w64, run the C++ tests under wine (CTest's emulator), then the pytest tests marked
+    `wine` (tests/test_wine*.py) against iocpnative-server.exe under wine."""
     missing = [
         what
         for what, found in (
@@ -166,7 +166,7 @@ def mingw(session: nox.Session) -> None:
         session.run(
             "pytest", *(session.posargs or ["-q"]), "-p", "no:cacheprovider", "-m", "wine",
             "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
-            str(ROOT / "tests" / "test_wine.py"), env=env,
+            str(ROOT / "tests"), env=env,
         )  # fmt: skip
     finally:
         # Leave no wineserver (or wine process) and no prefix behind.
