@@ -212,7 +212,7 @@ void Worker::on_send(Connection& c, IoData& io, int64_t result) {
 
 void Worker::stage_chunk(Connection& c, IoData& io, int64_t result) {
     WorkerStats::add(stats_.bytes_received, result);
-    c.last_active_ms = now_ms_;
+    c.last_active_ms.store(now_ms_, std::memory_order_relaxed);
     io.len = static_cast<uint32_t>(result);
     io.offset = 0;
     const size_t i = staged_.size();
