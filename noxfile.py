@@ -4,6 +4,7 @@ build      sdist + wheel into dist/
 test       install the wheel from dist/ (building it if missing), run pytest and the C++ tests
 lint       ruff + clang-format check
 bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md (`-- --quick`)
+mingw      cross-build for Windows (MinGW-w64), run the C++ tests and the wine tests under wine
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import nox
@@ -104,6 +106,72 @@ def bench(session: nox.Session) -> None:
     session.run("python", "-m", "build", "--wheel", "--outdir", str(out), str(ROOT))
     session.install("--force-reinstall", "--no-deps", *map(str, out.glob("iocpnative-*.whl")))
     session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs)
+
+
+MINGW_CXX = ("x86_64-w64-mingw32-g++-posix", "x86_64-w64-mingw32-g++")
+
+
+@nox.session(reuse_venv=True)
+def mingw(session: nox.Session) -> None:
+    """Windows build checked on Linux: cross-compile the core, the C++ tests and the tools with
+    MinGW-w64, run the C++ tests under wine (CTest's emulator), then the pytest tests marked
+    `wine` (tests/test_wine*.py) against iocpnative-server.exe under wine."""
+    missing = [
+        what
+        for what, found in (
+            ("x86_64-w64-mingw32-g++ (apt-get install g++-mingw-w64-x86-64)",
+             any(shutil.which(c) for c in MINGW_CXX)),
+            ("wine (apt-get install wine)", shutil.which("wine")),
+            ("wineserver (apt-get install wine)", shutil.which("wineserver")),
+        )
+        if not found
+    ]  # fmt: skip
+    if missing:
+        session.error("nox -s mingw needs " + " and ".join(missing) + ": not found on PATH")
+    wheel = _wheel()
+    if wheel is None:
+        session.install("build")
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
+        wheel = _wheel()
+    assert wheel is not None
+    session.install(*TEST_DEPS, "cmake", "ninja")
+    session.install("--force-reinstall", "--no-deps", str(wheel))
+
+    build_dir = ROOT / "build" / "mingw"
+    toolchain = ROOT / "cmake" / "toolchains" / "mingw-w64.cmake"
+    _cmake_build(
+        session,
+        build_dir,
+        f"-DCMAKE_TOOLCHAIN_FILE={toolchain}",
+        "-DCMAKE_BUILD_TYPE=RelWithDebInfo",
+    )
+    tools = build_dir / "csrc" / "tools"
+    # A fresh prefix of our own (nothing in $HOME), outside the source tree: its z: drive links
+    # to /, and the sdist build walks the tree following links (build/ included).
+    prefix = Path(tempfile.mkdtemp(prefix="iocpnative-wine-"))
+    env = {
+        "WINEPREFIX": str(prefix),
+        "WINEDEBUG": "-all",
+        "WINEDLLOVERRIDES": "mscoree,mshtml=",  # no Mono/Gecko install prompts
+        "IOCPNATIVE_WINE_SERVER": str(tools / "iocpnative-server.exe"),
+        "IOCPNATIVE_WINE_CLIENT": str(tools / "iocpnative-client.exe"),
+    }
+    try:
+        # Create the prefix once, before the timed tests: a first wine start takes seconds.
+        session.run("wineboot", "-i", env=env, external=True)
+        session.run("wineserver", "-w", env=env, external=True)
+        session.run(
+            "ctest", "--test-dir", str(build_dir), "--output-on-failure", "-j", JOBS, env=env
+        )
+        session.run(
+            "pytest", *(session.posargs or ["-q"]), "-p", "no:cacheprovider", "-m", "wine",
+            "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"),
+            str(ROOT / "tests"), env=env,
+        )  # fmt: skip
+    finally:
+        # Leave no wineserver (or wine process) and no prefix behind.
+        session.run("wineserver", "-k", env=env, external=True, success_codes=[0, 1])
+        shutil.rmtree(prefix, ignore_errors=True)
 
 
 if __name__ == "__main__":

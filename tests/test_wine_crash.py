@@ -63,7 +63,15 @@ def test_server_test_crash_writes_minidump(wine_server: str, tmp_path: Path) -> 
         "WINEDLLOVERRIDES": "winedbg.exe=d",
     }
     run = subprocess.run(
-        ["wine", wine_server, "--crash-dump-dir", windows_path(dumps), "--test-crash"],
+        [
+            "wine",
+            wine_server,
+            "--port",
+            "0",
+            "--crash-dump-dir",
+            windows_path(dumps),
+            "--test-crash",
+        ],
         capture_output=True,
         timeout=180,
         env=env,

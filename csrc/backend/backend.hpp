@@ -19,6 +19,10 @@
 //  * Accepted events carry a new connected socket; the core decides to keep it (attach) or not.
 //  * wake() may be called from any thread; it makes a blocked wait() return soon (one wake-up
 //    per worker is enough: stop() sends exactly one to each).
+//  * Shared queue (IOCP): a connection's completions may be handled on any worker, so only the
+//    thread handling its current completion may close it. Other threads (stop, idle scans) set
+//    Connection::close_requested and call request_close(), which cancels the operation in
+//    flight; its completion then reaches a worker that sees the flag and closes.
 #pragma once
 
 #include <cstdint>
@@ -61,6 +65,11 @@ public:
     virtual bool quiescent() const = 0;
     // Any thread.
     virtual void wake() = 0;
+    // Any thread; only called when the backend has a shared queue. conn.close_requested is
+    // already set; cancel its operation in flight (and make a later post complete at once with
+    // an error) so that the close happens soon on the thread handling it. The caller holds the
+    // ConnectionTable lock, so conn stays alive during the call.
+    virtual void request_close(Connection& conn) { (void)conn; }
 };
 
 // Everything a Poller needs from its server.

@@ -30,7 +30,8 @@ struct Connection {
     // Set from another thread (stop, idle scan) to ask the thread handling the connection's
     // events to close it (IOCP: completions of one connection may run on any worker).
     std::atomic<bool> close_requested{false};
-    int64_t last_active_ms = 0;
+    // Written by the thread handling the connection, read by the idle scan on another worker.
+    std::atomic<int64_t> last_active_ms{0};
     // Backend-private per-connection state (epoll: readiness and the waiting operation).
     uint32_t backend_flags = 0;
     IoData* backend_io = nullptr;
@@ -53,7 +54,9 @@ public:
     void remove(Connection* c);
     size_t size() const { return size_.load(std::memory_order_relaxed); }
     bool empty() const { return size() == 0; }
-    // Calls fn(Connection*) for each connection; fn must not add or remove.
+    bool shared() const { return shared_; }
+    // Calls fn(Connection*) for each connection; fn must not add or remove. A shared table holds
+    // its lock during the walk, so no connection listed can be removed (and freed) meanwhile.
     template <class Fn>
     void for_each(Fn&& fn) {
         std::unique_lock<std::mutex> guard(lock_, std::defer_lock);

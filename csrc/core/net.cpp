@@ -47,8 +47,10 @@ int errno_from_native(int native) noexcept {
         case WSAENOTSOCK: return ENOTSOCK;
         case WSAEAFNOSUPPORT: return EAFNOSUPPORT;
         case WSAEINTR: return EINTR;
-        case WSA_OPERATION_ABORTED:
-        case ERROR_OPERATION_ABORTED: return ECANCELED;
+        // WSA_OPERATION_ABORTED is ERROR_OPERATION_ABORTED (995): one case serves both.
+        case WSA_OPERATION_ABORTED: return ECANCELED;
+        case WSAENETRESET: return ECONNRESET;
+        case ERROR_NOT_ENOUGH_MEMORY: return ENOMEM;
         case ERROR_NETNAME_DELETED: return ECONNRESET;
         case ERROR_CONNECTION_REFUSED: return ECONNREFUSED;
         case ERROR_CONNECTION_ABORTED: return ECONNABORTED;

@@ -137,7 +137,7 @@ void Worker::on_accepted(socket_t s) {
     c->sock = s;
     c->id = core_.next_connection_id();
     c->owner = index_;
-    c->last_active_ms = monotonic_ms();
+    c->last_active_ms.store(monotonic_ms(), std::memory_order_relaxed);
     net::set_nodelay(s);
     const int err = poller_->attach(*c);
     if (err != 0) {
@@ -178,7 +178,7 @@ bool Worker::recv_usable(const Connection& c, int64_t result) const {
 void Worker::on_recv(Connection& c, IoData* io, int64_t result) {
     if (!recv_usable(c, result)) return on_recv_failed(c, io);
     WorkerStats::add(stats_.bytes_received, result);
-    c.last_active_ms = now_ms_;
+    c.last_active_ms.store(now_ms_, std::memory_order_relaxed);
     io->len = static_cast<uint32_t>(result);
     io->offset = 0;
     --c.ops_in_flight;  // the recv is done; the send below takes over
@@ -212,7 +212,7 @@ void Worker::on_send(Connection& c, IoData& io, int64_t result) {
 
 void Worker::stage_chunk(Connection& c, IoData& io, int64_t result) {
     WorkerStats::add(stats_.bytes_received, result);
-    c.last_active_ms = now_ms_;
+    c.last_active_ms.store(now_ms_, std::memory_order_relaxed);
     io.len = static_cast<uint32_t>(result);
     io.offset = 0;
     const size_t i = staged_.size();
@@ -294,6 +294,7 @@ void Worker::op_done_check(Connection& c) {
 void Worker::begin_drain() {
     draining_ = true;
     poller_->stop_accepting();
+    if (table_.shared()) return request_close_shared(false);
     // Close every connection this worker owns. Closing never frees: each connection goes away
     // when the completions of its cancelled operations have been handled.
     std::vector<Connection*> all;
@@ -307,18 +308,43 @@ void Worker::begin_drain() {
 
 void Worker::scan_idle() {
     next_idle_scan_ms_ = now_ms_ + std::max<int64_t>(idle_ms_ / 4, 1);
+    if (table_.shared()) {
+        // One scan of the shared table is enough; worker 0 does it.
+        if (index_ == 0) request_close_shared(true);
+        return;
+    }
     std::vector<Connection*> idle;
     table_.for_each([&](Connection* c) {
-        if (!c->closing && now_ms_ - c->last_active_ms >= idle_ms_) idle.push_back(c);
+        if (!c->closing && is_idle(*c)) idle.push_back(c);
     });
     for (Connection* c : idle) {
-        if (core_.config().verbose) {
-            std::fprintf(stderr, "iocpnative: connection %llu idle, closing\n",
-                         static_cast<unsigned long long>(c->id));
-        }
+        log_idle(*c);
         close_connection(*c);
         op_done_check(*c);
     }
+}
+
+// Shared queue: another worker may be handling any of these connections right now, so this
+// thread must neither close nor free them. It flags them and lets the backend cancel their
+// operation in flight; the worker that receives the (cancelled) completion closes. The table
+// lock, held during the walk, keeps each connection alive while it is flagged.
+void Worker::request_close_shared(bool idle_only) {
+    table_.for_each([&](Connection* c) {
+        if (idle_only && !is_idle(*c)) return;
+        if (c->close_requested.exchange(true)) return;  // already asked
+        if (idle_only) log_idle(*c);
+        poller_->request_close(*c);
+    });
+}
+
+bool Worker::is_idle(const Connection& c) const {
+    return now_ms_ - c.last_active_ms.load(std::memory_order_relaxed) >= idle_ms_;
+}
+
+void Worker::log_idle(const Connection& c) const {
+    if (!core_.config().verbose) return;
+    std::fprintf(stderr, "iocpnative: connection %llu idle, closing\n",
+                 static_cast<unsigned long long>(c.id));
 }
 
 void Worker::log_connect(const Connection& c) const {

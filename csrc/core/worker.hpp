@@ -51,6 +51,9 @@ private:
     void op_done_check(Connection& c);
     void begin_drain();
     void scan_idle();
+    void request_close_shared(bool idle_only);
+    bool is_idle(const Connection& c) const;
+    void log_idle(const Connection& c) const;
     int wait_timeout_ms() const;
     void log_connect(const Connection& c) const;
 

@@ -35,11 +35,11 @@ TEST_CASE(histogram_quantiles) {
     for (uint64_t v = 1; v <= 1000; ++v) h.add(v * 1000);  // 1 us .. 1 ms
     ASSERT_EQ(h.count(), uint64_t{1000});
     ASSERT_EQ(h.max(), uint64_t{1000000});
-    const auto near = [](uint64_t got, double want) {
+    const auto close_to = [](uint64_t got, double want) {
         return static_cast<double>(got) >= want && static_cast<double>(got) <= want * 1.01;
     };
-    ASSERT_TRUE(near(h.quantile(0.5), 500000));
-    ASSERT_TRUE(near(h.quantile(0.99), 990000));
+    ASSERT_TRUE(close_to(h.quantile(0.5), 500000));
+    ASSERT_TRUE(close_to(h.quantile(0.99), 990000));
     ASSERT_EQ(h.quantile(1.0), uint64_t{1000000});
     LatencyHistogram other;
     other.add(5000000);

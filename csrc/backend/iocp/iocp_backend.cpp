@@ -1,0 +1,290 @@
+// IOCP backend, shared part: the completion port, the listener and its AcceptEx operations.
+// Windows 7 or later (see iocp_backend.hpp); wine >= 7.
+//
+// Accepts: several AcceptEx operations are posted up front with a receive length of 0, so each
+// completes as soon as a connection arrives rather than waiting for its first bytes (a client
+// that connects and says nothing must not occupy an accept). Every completion, success or
+// failure, re-posts the same IoData until stop_accepting(). The listener does not use
+// FILE_SKIP_COMPLETION_PORT_ON_SUCCESS, so every posted accept yields exactly one packet.
+#include "iocp_backend.hpp"
+
+#include "iocp_stats.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+
+#include "../../core/net.hpp"
+#include "../factories.hpp"
+#include "iocpnative/errors.hpp"
+
+namespace iocpnative {
+
+namespace iocp {
+
+namespace {
+
+constexpr int kMinAccepts = 4;
+constexpr int kMaxAccepts = 64;
+constexpr int kAcceptResetRetries = 16;
+
+// FILE_SKIP_COMPLETION_PORT_ON_SUCCESS is only safe when every provider in the socket's chain
+// hands out real kernel handles (no non-IFS layered service provider): libuv checks the same
+// XP1_IFS_HANDLES bit. IOCPNATIVE_IOCP_SKIP_ON_SUCCESS=0 turns the mode off (the tests run both).
+bool skip_on_success_usable(socket_t s) {
+    const char* env = std::getenv("IOCPNATIVE_IOCP_SKIP_ON_SUCCESS");
+    if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+    WSAPROTOCOL_INFOW info;
+    int len = static_cast<int>(sizeof(info));
+    if (::getsockopt(s, SOL_SOCKET, SO_PROTOCOL_INFOW, reinterpret_cast<char*>(&info), &len) != 0) {
+        return false;
+    }
+    return (info.dwServiceFlags1 & XP1_IFS_HANDLES) != 0;
+}
+
+// An accept that fails because its peer reset before it completed: ERROR_NETNAME_DELETED on
+// Windows (python/cpython#93821), ERROR_UNEXP_NET_ERR under wine 8. It concerns that connection
+// only: the listener stays open and the accept is posted again. (ERROR_OPERATION_ABORTED is
+// stop_accepting()'s cancel.)
+bool peer_gone(DWORD err) {
+    return err == ERROR_NETNAME_DELETED || err == ERROR_UNEXP_NET_ERR ||
+           err == ERROR_CONNECTION_ABORTED;
+}
+
+LPFN_ACCEPTEX load_accept_ex(socket_t s) {
+    GUID guid = WSAID_ACCEPTEX;
+    LPFN_ACCEPTEX fn = nullptr;
+    DWORD bytes = 0;
+    if (::WSAIoctl(s, SIO_GET_EXTENSION_FUNCTION_POINTER, &guid, sizeof(guid), &fn, sizeof(fn),
+                   &bytes, nullptr, nullptr) != 0) {
+        throw make_system_error(last_socket_error(),
+                                "WSAIoctl(SIO_GET_EXTENSION_FUNCTION_POINTER)");
+    }
+    return fn;
+}
+
+std::mutex g_paths_lock;
+CompletionPaths g_paths;
+
+}  // namespace
+
+CompletionPaths completion_paths() {
+    std::lock_guard<std::mutex> g(g_paths_lock);
+    return g_paths;
+}
+
+void add_completion_paths(const CompletionPaths& p) {
+    std::lock_guard<std::mutex> g(g_paths_lock);
+    g_paths.pending += p.pending;
+    g_paths.inline_success += p.inline_success;
+    g_paths.success_with_packet += p.success_with_packet;
+    g_paths.failed_at_once += p.failed_at_once;
+    g_paths.packets += p.packets;
+    g_paths.accepts_completed += p.accepts_completed;
+    g_paths.accept_resets += p.accept_resets;
+    g_paths.wakeups_forwarded += p.wakeups_forwarded;
+}
+
+void log_error(const char* what, unsigned long native_error) {
+    const int err = errno_from_native(static_cast<int>(native_error));
+    std::fprintf(stderr, "iocpnative: %s failed: %s (Windows error %lu)\n", what,
+                 std::strerror(err), native_error);
+}
+
+int LocalQueue::take(Event* out, int max) {
+    int n = 0;
+    while (n < max && head_ < events_.size()) out[n++] = events_[head_++];
+    if (head_ == events_.size()) {
+        events_.clear();
+        head_ = 0;
+    }
+    return n;
+}
+
+void LocalQueue::discard(IoDataPool& pool) noexcept {
+    for (size_t i = head_; i < events_.size(); ++i) {
+        const Event& e = events_[i];
+        if (e.kind == Event::Kind::Accepted)
+            net::close_socket(e.accepted);
+        else
+            pool.release(e.io);
+    }
+    events_.clear();
+    head_ = 0;
+}
+
+IocpBackend::IocpBackend() {
+    net::ensure_initialized();
+    // 0 concurrent threads = one per CPU may run at once; extra workers wait their turn.
+    port_ = ::CreateIoCompletionPort(INVALID_HANDLE_VALUE, nullptr, 0, 0);
+    if (port_ == nullptr) {
+        throw make_system_error(errno_from_native(static_cast<int>(::GetLastError())),
+                                "CreateIoCompletionPort");
+    }
+}
+
+IocpBackend::~IocpBackend() {
+    // After a clean stop every accept has been retired; otherwise their IoData stay allocated
+    // on purpose (the OS may still write to them) and the pool counters show it.
+    if (accepts_in_flight_.load() != 0) {
+        std::fprintf(stderr, "iocpnative: iocp backend destroyed with %lld accepts in flight\n",
+                     static_cast<long long>(accepts_in_flight_.load()));
+    }
+    CompletionPaths p;
+    p.accepts_completed = accepts_completed_;
+    p.accept_resets = accept_resets_;
+    add_completion_paths(p);
+    ::CloseHandle(port_);
+}
+
+std::unique_ptr<Poller> IocpBackend::make_poller(const PollerContext& ctx) {
+    if (pool_ == nullptr) init_listener(ctx);
+    return iocp::make_poller(*this, ctx);
+}
+
+void IocpBackend::init_listener(const PollerContext& ctx) {
+    sockaddr_storage addr{};
+    int len = static_cast<int>(sizeof(addr));
+    if (::getsockname(ctx.listener, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
+        throw make_system_error(last_socket_error(), "getsockname(listener)");
+    }
+    accept_ex_ = load_accept_ex(ctx.listener);
+    if (::CreateIoCompletionPort(reinterpret_cast<HANDLE>(ctx.listener), port_, kListenerKey, 0) ==
+        nullptr) {
+        throw make_system_error(errno_from_native(static_cast<int>(::GetLastError())),
+                                "CreateIoCompletionPort(listener)");
+    }
+    family_ = addr.ss_family;
+    listener_ = ctx.listener;
+    pool_ = ctx.pool;
+    skip_on_success_ = skip_on_success_usable(ctx.listener);
+    accept_count_ = std::min(kMaxAccepts, std::max(kMinAccepts, 2 * ctx.workers));
+    for (int i = 0; i < accept_count_; ++i) {
+        address_slots_.push_back(std::make_unique<char[]>(2 * kAcceptAddressBytes));
+    }
+}
+
+void IocpBackend::start_accepting() {
+    std::lock_guard<std::mutex> g(accept_lock_);
+    if (started_ || !accepting_) return;
+    started_ = true;
+    for (int i = 0; i < accept_count_; ++i) {
+        IoData* io = pool_->acquire();
+        if (io == nullptr) {
+            log_error("allocating an accept operation", ERROR_NOT_ENOUGH_MEMORY);
+            break;
+        }
+        io->op = Op::Accept;
+        io->offset = static_cast<uint32_t>(i);
+        accepts_in_flight_.fetch_add(1);
+        post_accept(*io);
+    }
+}
+
+// Called with accept_lock_ held.
+bool IocpBackend::post_accept(IoData& io) {
+    char* addresses = address_slots_[io.offset].get();
+    for (int attempt = 0; attempt < kAcceptResetRetries; ++attempt) {
+        const socket_t s =
+            ::WSASocketW(family_, SOCK_STREAM, IPPROTO_TCP, nullptr, 0, WSA_FLAG_OVERLAPPED);
+        if (s == INVALID_SOCKET) {
+            log_error("WSASocketW for AcceptEx", static_cast<unsigned long>(::WSAGetLastError()));
+            break;
+        }
+        std::memset(&io.overlapped, 0, sizeof(io.overlapped));
+        io.accept_socket = s;
+        DWORD bytes = 0;
+        // TRUE (a connection was waiting) or WSA_IO_PENDING: either way one packet follows.
+        if (accept_ex_(listener_, s, addresses, 0, kAcceptAddressBytes, kAcceptAddressBytes, &bytes,
+                       &io.overlapped)) {
+            return true;
+        }
+        const int err = ::WSAGetLastError();
+        if (err == WSA_IO_PENDING) return true;
+        // An immediate failure queues no packet: the IoData is still ours.
+        net::close_socket(s);
+        io.accept_socket = kInvalidSocket;
+        if (err == WSAECONNRESET) continue;  // that peer reset before we took it: next one
+        log_error("AcceptEx", static_cast<unsigned long>(err));
+        break;
+    }
+    retire_accept(io);
+    return false;
+}
+
+void IocpBackend::retire_accept(IoData& io) {
+    pool_->release(&io);
+    accepts_in_flight_.fetch_sub(1);
+}
+
+void IocpBackend::on_accept_complete(IoData& io, LocalQueue& ready) {
+    DWORD bytes = 0;
+    const BOOL ok =
+        ::GetOverlappedResult(reinterpret_cast<HANDLE>(listener_), &io.overlapped, &bytes, FALSE);
+    const DWORD err = ok ? 0 : ::GetLastError();
+    const socket_t s = io.accept_socket;
+    io.accept_socket = kInvalidSocket;
+    if (ok) {
+        // Gives the new socket the listener's properties; getpeername/shutdown need it.
+        if (::setsockopt(s, SOL_SOCKET, SO_UPDATE_ACCEPT_CONTEXT,
+                         reinterpret_cast<const char*>(&listener_), sizeof(listener_)) == 0) {
+            Event e;
+            e.kind = Event::Kind::Accepted;
+            e.accepted = s;
+            ready.push(e);
+        } else {
+            log_error("setsockopt(SO_UPDATE_ACCEPT_CONTEXT)",
+                      static_cast<unsigned long>(::WSAGetLastError()));
+            net::close_socket(s);
+        }
+    } else {
+        net::close_socket(s);
+        if (!peer_gone(err) && err != ERROR_OPERATION_ABORTED)
+            log_error("AcceptEx completion", err);
+    }
+    std::lock_guard<std::mutex> g(accept_lock_);
+    ++accepts_completed_;
+    if (!ok && peer_gone(err)) ++accept_resets_;
+    if (!accepting_) return retire_accept(io);
+    post_accept(io);
+}
+
+void IocpBackend::stop_accepting() {
+    std::lock_guard<std::mutex> g(accept_lock_);
+    if (!accepting_) return;
+    accepting_ = false;
+    // Cancels the accepts posted from every thread; each then completes (aborted) and is
+    // retired by on_accept_complete. ERROR_NOT_FOUND: none was pending.
+    if (accepts_in_flight_.load() > 0 &&
+        !::CancelIoEx(reinterpret_cast<HANDLE>(listener_), nullptr)) {
+        const DWORD err = ::GetLastError();
+        if (err != ERROR_NOT_FOUND) log_error("CancelIoEx(listener)", err);
+    }
+}
+
+}  // namespace iocp
+
+std::unique_ptr<Backend> make_iocp_backend() {
+    return std::make_unique<iocp::IocpBackend>();
+}
+
+std::string probe_iocp() {
+    try {
+        net::ensure_initialized();
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    HANDLE port = ::CreateIoCompletionPort(INVALID_HANDLE_VALUE, nullptr, 0, 0);
+    if (port == nullptr) {
+        return make_system_error(errno_from_native(static_cast<int>(::GetLastError())),
+                                 "CreateIoCompletionPort")
+            .what();
+    }
+    ::CloseHandle(port);
+    return "";
+}
+
+}  // namespace iocpnative

@@ -1,0 +1,118 @@
+// IOCP backend, shared part: one completion port for all workers, the listener's pre-posted
+// AcceptEx operations, and the per-connection locks that make cross-thread closes safe.
+// Windows 7 / Server 2008 R2 or later (GetQueuedCompletionStatusEx and CancelIoEx: Vista;
+// SetFileCompletionNotificationModes: Vista); wine >= 7 for the tests run here.
+//
+// Threads: every worker waits on the same port, so a connection's completions may be handled on
+// any worker (asio's win_iocp_io_context, libuv's uv_loop on Windows use one port the same way).
+// The core keeps at most one operation in flight per connection, so one thread at a time handles
+// a connection; the only cross-thread actions are request_close() (stop, idle scans) and the
+// accept re-posts, both guarded here.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "../../core/io_data.hpp"
+#include "../backend.hpp"
+#include "iocpnative/platform.hpp"
+
+#include <mswsock.h>
+
+namespace iocpnative {
+namespace iocp {
+
+// Completion keys: which handle a packet belongs to. The OVERLAPPED (first member of IoData)
+// says which operation.
+constexpr ULONG_PTR kConnectionKey = 1;
+constexpr ULONG_PTR kListenerKey = 2;
+constexpr ULONG_PTR kWakeKey = 3;
+
+// AcceptEx writes the local and the remote address, each followed by 16 spare bytes.
+constexpr DWORD kAcceptAddressBytes = sizeof(sockaddr_storage) + 16;
+
+// Completions that did not come from the port: an immediate success on a handle with
+// FILE_SKIP_COMPLETION_PORT_ON_SUCCESS (the OS queues no packet) or an immediate failure (the
+// OS never queues one). The worker that posted the operation returns them from its next wait(),
+// never by calling back into the core from inside a post (no recursion).
+class LocalQueue {
+  public:
+    void push(const Event& e) { events_.push_back(e); }
+    bool empty() const { return head_ == events_.size(); }
+    int take(Event* out, int max);
+    // Gives back what a worker that stopped abnormally left queued.
+    void discard(IoDataPool& pool) noexcept;
+
+  private:
+    std::vector<Event> events_;
+    size_t head_ = 0;
+};
+
+class IocpBackend;
+
+// One per worker (iocp_poller.cpp).
+std::unique_ptr<Poller> make_poller(IocpBackend& backend, const PollerContext& ctx);
+
+// Reports a failure that has no caller to throw to (a worker thread's background work).
+void log_error(const char* what, unsigned long native_error);
+
+class IocpBackend final : public Backend {
+  public:
+    IocpBackend();
+    ~IocpBackend() override;
+    const char* name() const override { return "iocp"; }
+    bool shared_queue() const override { return true; }
+    std::unique_ptr<Poller> make_poller(const PollerContext& ctx) override;
+
+    HANDLE port() const { return port_; }
+    bool skip_on_success() const { return skip_on_success_; }
+    std::mutex& lock_for(const Connection& c) {
+        return conn_locks_[(reinterpret_cast<uintptr_t>(&c) / alignof(Connection)) % kConnLocks];
+    }
+
+    // --- the listener ---------------------------------------------------------------------
+    // Posts the initial accepts (called once, from worker 0's thread).
+    void start_accepting();
+    // Handles a dequeued accept completion: fills `ready` with an Accepted event on success and
+    // re-posts the accept (or retires it after stop_accepting()).
+    void on_accept_complete(IoData& io, LocalQueue& ready);
+    // Cancels every pending accept; later completions retire them. Idempotent, any thread.
+    void stop_accepting();
+    // Accepts posted and not yet retired.
+    int64_t accepts_in_flight() const { return accepts_in_flight_.load(); }
+
+  private:
+    void init_listener(const PollerContext& ctx);
+    // Posts `io` as an AcceptEx; retires it (and returns false) when that is impossible.
+    bool post_accept(IoData& io);
+    void retire_accept(IoData& io);
+
+    static constexpr size_t kConnLocks = 64;
+
+    HANDLE port_ = nullptr;
+    socket_t listener_ = kInvalidSocket;
+    int family_ = AF_INET;
+    IoDataPool* pool_ = nullptr;
+    LPFN_ACCEPTEX accept_ex_ = nullptr;
+    bool skip_on_success_ = false;
+    int accept_count_ = 0;
+    bool started_ = false;
+
+    std::mutex accept_lock_;  // orders re-posts against stop_accepting()'s cancel
+    bool accepting_ = true;
+    std::atomic<int64_t> accepts_in_flight_{0};
+    int64_t accepts_completed_ = 0;  // under accept_lock_, for iocp_stats.hpp
+    int64_t accept_resets_ = 0;
+    // AcceptEx address buffers, one per pre-posted accept (the IoData's own buffer may be
+    // smaller than two addresses: buffer_size can be 1). IoData::offset holds the slot index.
+    std::vector<std::unique_ptr<char[]>> address_slots_;
+
+    std::mutex conn_locks_[kConnLocks];
+};
+
+}  // namespace iocp
+}  // namespace iocpnative

@@ -1,0 +1,81 @@
+// Command-line parsing shared by the native tools: `--name value` or `--name=value`, numbers
+// range-checked, errors as std::invalid_argument with the flag's name (the tools print it and
+// exit 2, as the Python CLI does for a ValueError).
+#pragma once
+
+#include <cerrno>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+namespace iocpnative {
+namespace tools {
+
+class Options {
+  public:
+    Options(int argc, char** argv) : argc_(argc), argv_(argv) {}
+
+    // Advances to the next argument; false at the end.
+    bool next() {
+        if (++index_ >= argc_) return false;
+        const std::string arg = argv_[index_];
+        const size_t eq = arg.find('=');
+        if (arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+            flag_ = arg.substr(0, eq);
+            inline_value_ = arg.substr(eq + 1);
+            has_inline_ = true;
+        } else {
+            flag_ = arg;
+            has_inline_ = false;
+        }
+        return true;
+    }
+
+    const std::string& flag() const { return flag_; }
+
+    std::string text() {
+        if (has_inline_) return inline_value_;
+        if (index_ + 1 >= argc_) throw std::invalid_argument(flag_ + " needs a value");
+        return argv_[++index_];
+    }
+
+    long long integer(long long lo, long long hi) {
+        const std::string v = text();
+        char* end = nullptr;
+        errno = 0;
+        const long long n = std::strtoll(v.c_str(), &end, 10);
+        if (v.empty() || *end != '\0' || errno != 0 || n < lo || n > hi) {
+            throw std::invalid_argument(flag_ + " must be an integer between " +
+                                        std::to_string(lo) + " and " + std::to_string(hi) +
+                                        ", got '" + v + "'");
+        }
+        return n;
+    }
+
+    double number(double lo) {
+        const std::string v = text();
+        char* end = nullptr;
+        errno = 0;
+        const double x = std::strtod(v.c_str(), &end);
+        if (v.empty() || *end != '\0' || errno != 0 || !(x >= lo)) {
+            throw std::invalid_argument(flag_ + " must be a number >= " + std::to_string(lo) +
+                                        ", got '" + v + "'");
+        }
+        return x;
+    }
+
+    [[noreturn]] void unknown() const {
+        throw std::invalid_argument("unknown argument '" + flag_ + "' (see --help)");
+    }
+
+  private:
+    int argc_;
+    char** argv_;
+    int index_ = 0;
+    std::string flag_;
+    std::string inline_value_;
+    bool has_inline_ = false;
+};
+
+}  // namespace tools
+}  // namespace iocpnative
