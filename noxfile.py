@@ -69,6 +69,8 @@ def test(session: nox.Session) -> None:
     # Run from tests/ so that `import iocpnative` finds the installed wheel, not python/.
     session.run(
         "pytest", *(session.posargs or ["-q"]), "-p", "no:cacheprovider",
+        # The wine tests need the MinGW build: `nox -s mingw` runs them.
+        "-m", "not wine",
         "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(ROOT / "tests"),
     )  # fmt: skip
     build_dir = ROOT / "build" / "ctest"
