@@ -92,7 +92,7 @@ TEST_CASE(many_clients_concurrently) {
                 }
                 for (int round = 0; round < 20; ++round) {
                     for (size_t i = 0; i < clients.size(); ++i) {
-                        const std::string msg = random_bytes(100 + i * 37, t * 1000 + round);
+                        const std::string msg = random_bytes(100 + i * 37, static_cast<unsigned>(t * 1000 + round));
                         std::string back(msg.size(), '\0');
                         clients[i]->request(msg.data(), msg.size(), &back[0]);
                         if (back == msg) ok.fetch_add(1);
