@@ -119,6 +119,23 @@ def read_to_eof(s: socket.socket, timeout: float = 20.0) -> bytes:
     return b"".join(parts)
 
 
+def exchange(s: socket.socket, segments: list[bytes]) -> bytes:
+    """Sends the segments then shuts down writing, from a thread, while this thread reads the
+    echo to EOF (reading only after sending could deadlock once the buffers are full)."""
+
+    def send() -> None:
+        for seg in segments:
+            s.sendall(seg)
+        s.shutdown(socket.SHUT_WR)
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    try:
+        return read_to_eof(s)
+    finally:
+        sender.join(30.0)
+
+
 def echo_alive(port: int) -> None:
     payload = os.urandom(50_000)
     with Client(HOST, port, timeout=10.0) as cli:
@@ -154,19 +171,10 @@ def test_half_close_gets_pending_echo_then_eof(backend: str, baseline: None) -> 
     with serving(backend, buffer_size=4096) as srv:
         for size in (1, 4095, 4096, 70_000, 3 << 20):
             payload = os.urandom(size)
-            s = connect(srv.port)
-
-            def send_then_half_close(s: socket.socket = s, payload: bytes = payload) -> None:
-                s.sendall(payload)
-                s.shutdown(socket.SHUT_WR)
-
             # Send from a thread while this one reads: the echo of a large payload does not fit
             # in the socket buffers, so reading only after sending could deadlock.
-            sender = threading.Thread(target=send_then_half_close)
-            sender.start()
-            echoed = read_to_eof(s)
-            sender.join()
-            s.close()
+            with connect(srv.port) as s:
+                echoed = exchange(s, [payload])
             assert len(echoed) == size
             assert echoed == payload
         wait_for(lambda: srv.stats().active_connections == 0, "half-closed connections closed")
@@ -377,19 +385,9 @@ def test_random_payloads_and_segmentation(backend: str, baseline: None) -> None:
         bounds = [0, *cuts, size]
         segments = [payload[a:b] for a, b in itertools.pairwise(bounds) if b > a]
         with serving(backend, buffer_size=buffer_size) as srv:
-            s = connect(srv.port)
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
-
-            def send() -> None:
-                for seg in segments:
-                    s.sendall(seg)
-                s.shutdown(socket.SHUT_WR)
-
-            sender = threading.Thread(target=send)
-            sender.start()
-            echoed = read_to_eof(s)
-            sender.join()
-            s.close()
+            with connect(srv.port) as s:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(nodelay))
+                echoed = exchange(s, segments)
             assert echoed == payload
             wait_for(lambda: srv.stats().active_connections == 0, "connection closed")
             st_ = srv.stats()
