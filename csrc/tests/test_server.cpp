@@ -36,7 +36,7 @@ ServerConfig config_for(const std::string& backend) {
 
 template <class Fn>
 int for_each_backend(Fn&& fn) {
-    const auto names = available_backends();
+    const auto names = testh::backends_under_test(available_backends());
     if (names.empty()) return testh::kSkip;
     for (const auto& name : names) {
         std::printf("  backend %s\n", name.c_str());
