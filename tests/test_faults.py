@@ -4,7 +4,8 @@ Storms of connects and resets, half-close, peers that never read, 10,000 idle co
 stop() from another thread under load, stop(timeout) with stuck peers, and random payloads and
 segmentation (hypothesis). After each: the server's counters back to zero (nothing in use,
 the pool freed, no connection left) and this process's descriptors and threads back to where
-they were before the test.
+they were before the test. `backend` is the shared fixture of tests/conftest.py (one run per
+backend in iocpnative.available_backends()).
 """
 
 from __future__ import annotations
@@ -28,17 +29,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import iocpnative
 from iocpnative import Client, Server
 
 HOST = "127.0.0.1"
 RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST, not FIN
 SMALL_BUF = 64 * 1024  # client socket buffers for peers that never read: bounds kernel memory
-
-
-@pytest.fixture(params=iocpnative.available_backends())
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def open_fds() -> int:
@@ -58,7 +53,7 @@ def wait_for(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None
 
 
 @pytest.fixture
-def baseline() -> Iterator[None]:
+def back_to_baseline() -> Iterator[None]:
     """Descriptors and threads (native ones included) must be back where they were."""
     fds, threads = open_fds(), native_threads()
     yield
@@ -145,7 +140,7 @@ def echo_alive(port: int) -> None:
 # --- storms -------------------------------------------------------------------------------------
 
 
-def test_thousands_of_connects_and_resets(backend: str, baseline: None) -> None:
+def test_thousands_of_connects_and_resets(backend: str, back_to_baseline: None) -> None:
     rounds = 3000
     payload = os.urandom(3000)
     with serving(backend, buffer_size=1024) as srv:
@@ -167,7 +162,7 @@ def test_thousands_of_connects_and_resets(backend: str, baseline: None) -> None:
         assert st_.pool_in_use == 0
 
 
-def test_half_close_gets_pending_echo_then_eof(backend: str, baseline: None) -> None:
+def test_half_close_gets_pending_echo_then_eof(backend: str, back_to_baseline: None) -> None:
     with serving(backend, buffer_size=4096) as srv:
         for size in (1, 4095, 4096, 70_000, 3 << 20):
             payload = os.urandom(size)
@@ -180,7 +175,7 @@ def test_half_close_gets_pending_echo_then_eof(backend: str, baseline: None) -> 
         wait_for(lambda: srv.stats().active_connections == 0, "half-closed connections closed")
 
 
-def test_peers_that_never_read(backend: str, baseline: None) -> None:
+def test_peers_that_never_read(backend: str, back_to_baseline: None) -> None:
     buffer_size = 4096
     hogs = 8
     with serving(backend, buffer_size=buffer_size) as srv:
@@ -245,7 +240,9 @@ def many_fds() -> Iterator[None]:
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, max(hard, need)))
 
 
-def test_ten_thousand_idle_connections(backend: str, many_fds: None, baseline: None) -> None:
+def test_ten_thousand_idle_connections(
+    backend: str, many_fds: None, back_to_baseline: None
+) -> None:
     n = IDLE_CONNECTIONS
     srv = Server(HOST, 0, backend=backend, workers=2, max_connections=n + 1).start()
     holder = subprocess.Popen(
@@ -282,7 +279,7 @@ def test_ten_thousand_idle_connections(backend: str, many_fds: None, baseline: N
 # --- stop() ---------------------------------------------------------------------------------------
 
 
-def test_stop_from_another_thread_under_full_load(backend: str, baseline: None) -> None:
+def test_stop_from_another_thread_under_full_load(backend: str, back_to_baseline: None) -> None:
     srv = Server(HOST, 0, backend=backend, workers=2, buffer_size=8192).start()
     n_threads = 16
     rounds = [0] * n_threads
@@ -332,7 +329,7 @@ def test_stop_from_another_thread_under_full_load(backend: str, baseline: None) 
         Client(HOST, srv.port, timeout=5.0)
 
 
-def test_stop_timeout_is_kept_with_stuck_peers(backend: str, baseline: None) -> None:
+def test_stop_timeout_is_kept_with_stuck_peers(backend: str, back_to_baseline: None) -> None:
     srv = Server(HOST, 0, backend=backend, workers=2, buffer_size=4096).start()
     stuck = [connect(srv.port, small_buffers=True) for _ in range(6)]
     for p in stuck[:3]:
@@ -371,7 +368,7 @@ def exchanges(draw: st.DrawFn) -> tuple[int, int, int, list[int], bool]:
     return buffer_size, size, seed, sorted(set(cuts)), draw(st.booleans())
 
 
-def test_random_payloads_and_segmentation(backend: str, baseline: None) -> None:
+def test_random_payloads_and_segmentation(backend: str, back_to_baseline: None) -> None:
     @settings(
         max_examples=40,
         deadline=None,
