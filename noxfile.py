@@ -255,9 +255,13 @@ def sanitize(session: nox.Session) -> None:
     # The whole suite but the crash-capture tests: they fault on purpose, and under ASan the
     # sanitizer's own SIGSEGV handler reports and exits first (its job), so the capture path
     # they check cannot run. They run in `nox -s test`, and test_crash under ctest's ASan build.
-    # The wine tests need the MinGW build (`nox -s mingw`).
+    # The wine tests need the MinGW build (`nox -s mingw`). The interpreter-exit test ends a
+    # process whose native threads are still inside Python handlers: CPython never frees what
+    # threads alive at finalization hold (by design), so LSan would report those interpreter
+    # objects; it runs in `nox -s test`.
     session.run(
         "pytest", *(session.posargs or ["-q"]), "-p", "no:cacheprovider", "-m", "not wine",
+        "-k", "not test_interpreter_exit_with_running_handler_server",
         "--rootdir", str(ROOT), "-c", str(ROOT / "pyproject.toml"), str(ROOT / "tests"),
         f"--ignore={ROOT / 'tests' / 'test_crash.py'}", env=py_env,
     )  # fmt: skip
