@@ -67,7 +67,7 @@ void ServerCore::start() {
             ctx.index = i;
             ctx.workers = workers;
             ctx.listener = l.sock;
-            const int q = shared ? 0 : i;
+            const size_t q = shared ? 0 : static_cast<size_t>(i);
             ctx.pool = pools_[q].get();
             workers_.push_back(std::make_unique<Worker>(*this, i, backend_->make_poller(ctx),
                                                         *pools_[q], *tables_[q],

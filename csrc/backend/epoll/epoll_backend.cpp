@@ -18,6 +18,10 @@
 //   kWantRecv / kWantSend  an operation is posted and its completion not yet queued. close()
 //                          turns exactly these into -ECANCELED completions, so every posted
 //                          operation completes exactly once.
+//   kPeerDone              the peer has shut down its side (EPOLLRDHUP/HUP/ERR). That edge comes
+//                          once: if it came with the last data, a short read does not mean
+//                          "drained", since the EOF (or error) is still to be read and no new
+//                          edge will announce it. So the socket stays readable from then on.
 // The sockets are registered once, at attach, for EPOLLIN|EPOLLOUT|EPOLLRDHUP|EPOLLET: no
 // epoll_ctl per operation.
 #include <errno.h>
