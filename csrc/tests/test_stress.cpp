@@ -105,7 +105,9 @@ void run_backend(const std::string& backend) {
     const ServerStats during = srv.stats();
     ASSERT_EQ(during.active_connections, kClients);
     ASSERT_GT(during.pool_in_use, 0);
-    ASSERT_LE(during.pool_in_use, kClients);  // at most one operation per connection
+    // At most one operation per connection, plus the listener's own: the IOCP backend keeps
+    // up to 64 AcceptEx posted, each owning an IoData (epoll and io_uring hold none).
+    ASSERT_LE(during.pool_in_use, kClients + 64);
 
     srv.stop(30.0);
     const ServerStats after = srv.stats();
