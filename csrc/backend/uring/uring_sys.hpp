@@ -135,6 +135,7 @@ class BufferRing {
     bool active() const noexcept { return array_ != nullptr; }
     uint16_t group() const noexcept { return group_; }
     unsigned size() const noexcept { return size_; }
+    unsigned count() const noexcept { return count_; }
     char* buffer(unsigned bid) const noexcept { return data_ + static_cast<size_t>(bid) * size_; }
     // Gives buffer `bid` back to the kernel.
     void recycle(unsigned bid) noexcept;
