@@ -26,6 +26,15 @@
 // are back in the ring. Without that bound a burst of a thousand new connections, each sending
 // a first message, held a thousand IoData (and their pages) at once.
 //
+// Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT): with many recvs posted, the worker
+// waits for a small batch of completions (one per kBatchPerRecvs recvs, at most kBatchMax), but
+// no longer than kBatchWaitUs; after that any completion ends the wait. At a moderate message
+// rate each message otherwise costs a wake-up and a sleep of the worker thread. Measured with
+// peers.py (3 rounds) at 30,000 round trips/s on 50 connections, server CPU per message went
+// from 14.6 to 9.0 us, for about 100 us more median latency; a saturated server finds its batch
+// at once. One or a few connections (fewer than 2 * kBatchPerRecvs) never wait for a batch, so
+// a lone request is answered at once.
+//
 // Wake-up from other threads: a READ of an eventfd stays posted on the ring and wake() writes
 // the eventfd. IORING_OP_MSG_RING would need a ring on the waking thread (stop() runs on a
 // Python thread that has none) or Linux >= 6.13 for ring-less sending; an eventfd works on every
@@ -87,6 +96,9 @@ constexpr size_t kBufRingBudget = 2u << 20;
 constexpr size_t kBufMaxSize = 64u << 10;
 // IoData in use beyond which a recv that met -ENOBUFS waits for the ring (see the file comment).
 constexpr int64_t kOwnRecvLimit = 32;
+constexpr int64_t kBatchPerRecvs = 8;
+constexpr int64_t kBatchMax = 8;
+constexpr unsigned kBatchWaitUs = 200;
 constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
 
 // Power of two between 16 and 256, about kBufRingBudget bytes in all.
@@ -148,7 +160,12 @@ class UringPoller final : public Poller {
         // Submit and wait in one io_uring_enter. When completions are already waiting and
         // nothing is queued, skip the system call altogether.
         if (!have || ring_.unsubmitted() > 0) {
-            ring_.enter((have || timeout_ms == 0) ? 0 : 1, timeout_ms);
+            const bool block = !have && timeout_ms != 0;
+            // Without the kernel's batch timeout, waiting for more than one CQE could wait long.
+            const int64_t batch =
+                ring_.has_min_wait() ? std::min(kBatchMax, recvs_inflight_ / kBatchPerRecvs) : 1;
+            ring_.enter(block ? static_cast<unsigned>(std::max<int64_t>(1, batch)) : 0, timeout_ms,
+                        kBatchWaitUs);
         }
         resume_accept_if_due();
         return n + reap(out + n, max - n);
@@ -174,6 +191,7 @@ class UringPoller final : public Poller {
         sqe->ioprio = IORING_RECVSEND_POLL_FIRST;
         sqe->user_data = tagged(&c, kTagRecvSel);
         c.backend_flags |= kRecvSel;
+        ++recvs_inflight_;
     }
 
     void post_send(Connection& c, IoData& io) override {
@@ -291,6 +309,7 @@ class UringPoller final : public Poller {
         sqe->user_data = tagged(io, kTagIo);
         c.backend_io = io;
         c.backend_flags |= kIoOp;
+        ++recvs_inflight_;
     }
 
     void arm_accept() {
@@ -360,6 +379,7 @@ class UringPoller final : public Poller {
         // A send that finished before its cancellation keeps its byte count (they were sent);
         // a recv's bytes on a closed connection are dropped.
         if (io.op == Op::Send) return make_event(ev, Event::Kind::Send, c, &io, res);
+        --recvs_inflight_;
         if ((c.backend_flags & kClosed) && res >= 0) res = -ECANCELED;
         if (res < 0) {
             pool_.release(&io);
@@ -371,6 +391,7 @@ class UringPoller final : public Poller {
 
     bool on_recv_selected(Connection& c, int res, uint32_t flags, Event& ev) {
         c.backend_flags &= ~kRecvSel;
+        --recvs_inflight_;
         const bool closed = (c.backend_flags & kClosed) != 0;
         const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
         const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
@@ -518,6 +539,7 @@ class UringPoller final : public Poller {
     size_t head_ = 0;
     std::vector<Connection*> starved_;  // waiting for a provided buffer, oldest first
     size_t starved_head_ = 0;
+    int64_t recvs_inflight_ = 0;  // recvs in the kernel, for the batch wait
 };
 
 class UringBackend final : public Backend {
