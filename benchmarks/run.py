@@ -5,7 +5,8 @@ Every figure comes from ../shared/bench/peers.py (echoload as the client, server
 and interleaved, server pinned to CPU 0, client to CPU 1) or from pyclient.py, and every table in
 the Markdown file is generated from their JSON output here: nothing is typed by hand.
 
-    python benchmarks/run.py [--quick] [--out docs/benchmarks.md] [--results DIR]
+    python benchmarks/run.py [--quick] [--rounds N] [--duration S] [--peers-arg=--quiet-wait=10]
+                             [--out docs/benchmarks.md] [--results DIR]
     python benchmarks/run.py --report-only --results DIR     # re-render from earlier JSON
 """
 
@@ -32,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 FULL = {"rounds": 3, "duration": 5, "warmup": 1, "idle": 5000, "scale_rounds": 2}
 QUICK = {"rounds": 1, "duration": 1, "warmup": 0.5, "idle": 1000, "scale_rounds": 1}
 SCALING = (1, 10, 100, 1000, 10000)
+IDLE_SMALL = 1000  # the full run measures idle memory at this count too
 
 
 def iocpnative_servers(py: str) -> dict[str, str]:
@@ -48,9 +50,11 @@ def iocpnative_servers(py: str) -> dict[str, str]:
     return servers
 
 
-def run_peers(name: str, args: list[str], results: Path, servers: dict[str, str]) -> Path:
+def run_peers(name: str, args: list[str], results: Path, servers: dict[str, str],
+              extra: list[str]) -> Path:  # fmt: skip
     out = results / f"{name}.json"
-    cmd = [sys.executable, str(PEERS), *args, "--json", str(out), "--logdir", str(results / "logs")]
+    cmd = [sys.executable, str(PEERS), *args, *extra, "--json", str(out), "--logdir",
+           str(results / "logs")]  # fmt: skip
     for n, c in servers.items():
         cmd += ["--server", f"{n}={c}"]
     print("\n$ " + shlex.join(cmd), flush=True)
@@ -66,8 +70,8 @@ def run_peers(name: str, args: list[str], results: Path, servers: dict[str, str]
     return out
 
 
-def run_all(quick: bool, results: Path) -> None:
-    p = QUICK if quick else FULL
+def run_all(quick: bool, results: Path, over: dict, extra: list[str]) -> None:
+    p = {**(QUICK if quick else FULL), **over}
     results.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     ours = iocpnative_servers(py)
@@ -81,18 +85,22 @@ def run_all(quick: bool, results: Path) -> None:
         ("e_10x65536", ["--connections", "10", "--size", "65536"]),
     ]
     for key, a in scen:
-        run_peers(key, [*a, *common, *rounds], results, ours)
-    run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results, ours)
+        run_peers(key, [*a, *common, *rounds], results, ours, extra)
+    run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results, ours,
+              extra)  # fmt: skip
+    if not quick and p["idle"] != IDLE_SMALL:
+        run_peers(f"f_idle{IDLE_SMALL}", ["--rounds", "0", "--idle-connections", str(IDLE_SMALL)],
+                  results, ours, extra)  # fmt: skip
     only = ["--only", "c_epoll,iocpnative", "--rounds", str(p["scale_rounds"])]
     for n in SCALING:
         run_peers(f"s_{n}", ["--connections", str(n), "--size", "512", *common, *only], results,
-                  {"iocpnative": ours["iocpnative"]})  # fmt: skip
+                  {"iocpnative": ours["iocpnative"]}, extra)  # fmt: skip
     # Two workers, allowed on both cores: they share CPU 1 with the client.
     w2 = {"iocpnative_w2": ours["iocpnative"].replace("--workers 1", "--workers 2")}
     for n in SCALING:
         run_peers(f"w2_{n}", ["--connections", str(n), "--size", "512", *common,
                               "--only", "iocpnative_w2", "--server-cpu", "0,1",
-                              "--rounds", str(p["scale_rounds"])], results, w2)  # fmt: skip
+                              "--rounds", str(p["scale_rounds"])], results, w2, extra)  # fmt: skip
     cmd = [py, str(HERE / "pyclient.py"), "--json", str(results / "pyclient.json")]
     if quick:
         cmd.append("--quick")
@@ -211,7 +219,7 @@ def pyclient_table(d: dict) -> str:
     return table(["size B", "Client.request req/s", "socket loop req/s", "Client ÷ socket"], rows)
 
 
-def targets(f: dict, idle_n: int) -> str:
+def targets(f: dict, idle_n: int, idle_small: float | None = None) -> str:
     """The issue's target table, filled with the measured figures."""
 
     def row(scn, fig, tgt, val, ok):
@@ -275,6 +283,10 @@ def targets(f: dict, idle_n: int) -> str:
             x.get("vs_uv") and x["vs_uv"] >= 1.0,
         )
     )
+    if idle_small is not None:
+        v = idle_small
+        rows.append(row(f"{IDLE_SMALL:,} idle connections", "user-space KiB per connection",
+                        "≤ 0.5 KiB", _f(v, ".2f") + " KiB", v <= 0.5))  # fmt: skip
     v = idle.get(me)
     rows.append(row(f"{idle_n:,} idle connections", "user-space KiB per connection", "≤ 0.5 KiB",
                     _f(v, ".2f") + " KiB", None if v is None else v <= 0.5))  # fmt: skip
@@ -305,11 +317,16 @@ def render(results: Path, out: Path, quick: bool, command: str) -> None:
         ("f", "f_idle", f"Idle connections: {docs['f_idle']['config']['idle_connections']:,} "
          "held open, server memory", idle_table),
     ]  # fmt: skip
+    small = f"f_idle{IDLE_SMALL}"
+    if (results / f"{small}.json").exists():
+        docs[small] = json.loads((results / f"{small}.json").read_text())
+        sections.append(("g", small, f"Idle connections: {IDLE_SMALL:,} held open, server "
+                         "memory", idle_table))  # fmt: skip
     for key, name, title, fn in sections:
         d = docs[name]
         text, figs[key] = fn(d)
         c = d["config"]
-        load = "" if key == "f" else (
+        load = "" if key in ("f", "g") else (
             f"{c['rounds']} interleaved round(s) of {c['warmup']:g} s warm-up + "
             f"{c['duration']:g} s. ")  # fmt: skip
         bad = "" if d.get("exit_status", 0) == 0 else " **peers.py reported failed runs.**"
@@ -341,7 +358,7 @@ JSON that the run wrote to `{shown_results}`).
 
 ## Targets of issue 7
 
-{targets(figs, docs["f_idle"]["config"]["idle_connections"])}
+{targets(figs, docs["f_idle"]["config"]["idle_connections"], figs.get("g", {}).get("iocpnative"))}
 
 ## Results
 
@@ -369,13 +386,25 @@ def main() -> int:
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
     ap.add_argument("--results", default=str(ROOT / "build" / "bench-results"))
     ap.add_argument("--report-only", action="store_true", help="render earlier results only")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds per scenario (full run: 3)")
+    ap.add_argument("--duration", type=float, help="seconds measured per run (full run: 5)")
+    ap.add_argument(
+        "--peers-arg",
+        action="append",
+        default=[],
+        help="passed on to every peers.py run, e.g. --peers-arg=--quiet-wait=10",
+    )
     args = ap.parse_args()
+    over = {k: v for k, v in (("rounds", args.rounds), ("duration", args.duration)) if v}
+    if args.rounds:
+        over["scale_rounds"] = min(args.rounds, FULL["scale_rounds"])
     results = Path(args.results).resolve()
     if not args.report_only:
         if not PEERS.exists():
             raise SystemExit(f"{PEERS} not found: ../shared/bench is needed")
-        run_all(args.quick, results)
-    command = "nox -s bench" + (" -- --quick" if args.quick else "")
+        run_all(args.quick, results, over, args.peers_arg)
+    shown = sys.argv[1:]
+    command = "nox -s bench" + (" -- " + shlex.join(shown) if shown else "")
     render(results, Path(args.out), args.quick, command)
     return 0
 

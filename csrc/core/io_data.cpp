@@ -1,12 +1,27 @@
 #include "io_data.hpp"
 
+#include <algorithm>
 #include <cstdlib>
 #include <new>
 
 namespace iocpnative {
 
+namespace {
+
+// The cache bound in blocks: `max_cached`, lowered so that the cached blocks stay within
+// kMaxCachedBytes, but at least a few so that a steady stream of operations does not call
+// malloc for every one.
+size_t cache_bound(size_t buffer_size, size_t max_cached) {
+    const size_t by_bytes = IoDataPool::kMaxCachedBytes / (sizeof(IoData) + buffer_size);
+    return std::min(max_cached, std::max<size_t>(by_bytes, 4));
+}
+
+}  // namespace
+
 IoDataPool::IoDataPool(size_t buffer_size, bool shared, size_t max_cached)
-    : buffer_size_(buffer_size), shared_(shared), max_cached_(max_cached) {}
+    : buffer_size_(buffer_size),
+      shared_(shared),
+      max_cached_(cache_bound(buffer_size, max_cached)) {}
 
 IoDataPool::~IoDataPool() { trim(); }
 

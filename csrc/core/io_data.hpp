@@ -52,11 +52,13 @@ struct PoolCounters {
 // Fixed-size IoData blocks with a LIFO free list (the block released last is the one in cache).
 // A per-worker pool is used by one thread only and takes no lock; a pool shared by several
 // threads (IOCP, whose completions may arrive on any worker) is created with `shared = true`.
-// At most `max_cached` free blocks are kept; the rest go back to the allocator, so a burst of
-// connections does not pin its peak memory. The destructor frees every cached block; blocks still
+// At most `max_cached` free blocks are kept, and never more than kMaxCachedBytes of them; the rest
+// go back to the allocator, so a burst of connections does not pin its peak memory (256 cached
+// 64 KiB blocks would be 16 MiB per worker). The destructor frees every cached block; blocks still
 // in use at destruction are a bug that the counters (and LSan) report.
 class IoDataPool {
 public:
+    static constexpr size_t kMaxCachedBytes = 1u << 20;
     IoDataPool(size_t buffer_size, bool shared, size_t max_cached = 256);
     ~IoDataPool();
     IoDataPool(const IoDataPool&) = delete;

@@ -41,6 +41,20 @@ TEST_CASE(pool_cache_is_bounded) {
     return 0;
 }
 
+TEST_CASE(pool_cache_is_bounded_in_bytes) {
+    // 64 KiB blocks: 256 cached would pin 16 MiB; the byte bound keeps about 1 MiB.
+    const size_t size = 64u << 10;
+    IoDataPool pool(size, false);
+    std::vector<IoData*> v;
+    for (int i = 0; i < 64; ++i) v.push_back(pool.acquire());
+    for (IoData* io : v) pool.release(io);
+    const int64_t expect =
+        static_cast<int64_t>(IoDataPool::kMaxCachedBytes / (sizeof(IoData) + size));
+    ASSERT_EQ(pool.allocated(), expect);
+    ASSERT_TRUE(expect >= 4 && expect <= 16);
+    return 0;
+}
+
 TEST_CASE(pool_destructor_frees_cache) {
     auto* pool = new IoDataPool(64, false);
     for (int i = 0; i < 10; ++i) pool->release(pool->acquire());

@@ -1,7 +1,8 @@
 // The io_uring backend specifically: the probe's test hook, the setup-flag fallbacks, the echo
 // path with every optional kernel feature switched off (IOCPNATIVE_URING_DISABLE), idle
-// connections that pin no IoData with a provided buffer ring, and stop() cancelling many
-// connections with data in flight. Skipped (77) where io_uring is unavailable.
+// connections that pin no IoData with a provided buffer ring, a burst of more connections with
+// data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), and stop()
+// cancelling many connections with data in flight. Skipped (77) where io_uring is unavailable.
 #include <stdlib.h>
 
 #include <chrono>
@@ -162,6 +163,51 @@ TEST_CASE(idle_connections_pin_no_iodata) {
             std::this_thread::sleep_for(std::chrono::milliseconds(5));
         }
         ASSERT_EQ(srv.stats().pool_in_use, want);
+        srv.stop(5.0);
+        expect_pool_freed(srv);
+    }
+    return testh::kPass;
+}
+
+// 400 connections on one worker send at once: more recvs complete in one io_uring_enter than
+// the ring's 32 buffers, so some read into an IoData of their own and the rest wait for the
+// ring. Every byte must come back; then (second pass) stop() with such a burst unanswered.
+TEST_CASE(burst_beyond_buffer_ring) {
+    if (!uring_available()) return testh::kSkip;
+    constexpr int kConns = 400;
+    constexpr size_t kSize = 200;
+    for (bool read_replies : {true, false}) {
+        ServerConfig cfg = uring_config();
+        cfg.workers = 1;
+        Server srv(cfg);
+        srv.start();
+        std::vector<std::unique_ptr<Client>> clients;
+        for (int i = 0; i < kConns; ++i) {
+            clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 5.0));
+        }
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        while (srv.stats().active_connections < kConns &&
+               std::chrono::steady_clock::now() < deadline) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        ASSERT_EQ(srv.stats().active_connections, kConns);
+        std::vector<std::string> sent;
+        for (int i = 0; i < kConns; ++i) {
+            sent.push_back(random_bytes(kSize, static_cast<unsigned>(i)));
+            clients[static_cast<size_t>(i)]->send(sent.back().data(), kSize);
+        }
+        if (read_replies) {
+            for (int i = 0; i < kConns; ++i) {
+                std::string back(kSize, '\0');
+                size_t got = 0;
+                while (got < kSize) {
+                    const size_t n = clients[static_cast<size_t>(i)]->recv(&back[got], kSize - got);
+                    ASSERT_GT(n, 0u);
+                    got += n;
+                }
+                ASSERT_TRUE(back == sent[static_cast<size_t>(i)]);
+            }
+        }
         srv.stop(5.0);
         expect_pool_freed(srv);
     }

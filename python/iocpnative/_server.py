@@ -26,7 +26,7 @@ from ._validate import (
     check_timeout,
 )
 
-DEFAULT_BUFFER_SIZE = 16384
+DEFAULT_BUFFER_SIZE = 65536
 DEFAULT_MAX_CONNECTIONS = 10000
 
 logger = logging.getLogger("iocpnative")

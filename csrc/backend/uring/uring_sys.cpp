@@ -112,6 +112,16 @@ std::string check_opcodes(int fd) {
 
 }  // namespace
 
+// io_uring_getevents_arg as Linux 6.12 defines it: older headers call min_wait_usec `pad` (and
+// older kernels require it to be 0, which has_min_wait() guarantees).
+struct GetEventsArg {
+    uint64_t sigmask;
+    uint32_t sigmask_sz;
+    uint32_t min_wait_usec;
+    uint64_t ts;
+};
+static_assert(sizeof(GetEventsArg) == sizeof(io_uring_getevents_arg), "io_uring ABI");
+
 Features features_from_env() {
     Features f;
     const char* v = std::getenv("IOCPNATIVE_URING_DISABLE");
@@ -278,14 +288,14 @@ unsigned Ring::sq_space() const noexcept {
     return sq_entries_ - unsubmitted();
 }
 
-int Ring::enter(unsigned wait_nr, int timeout_ms) {
+int Ring::enter(unsigned wait_nr, int timeout_ms, unsigned min_wait_us) {
     // Release: every SQE written before this store is visible to the kernel, which loads the
     // tail with acquire (the syscall alone would order it without SQPOLL; the pairing is what
     // the ABI documents and what an SQPOLL thread would need).
     store_release(sq_ktail_, sqe_tail_);
     const unsigned to_submit = unsubmitted();
     __kernel_timespec ts{};
-    io_uring_getevents_arg arg{};
+    GetEventsArg arg{};
     arg.sigmask = 0;
     arg.sigmask_sz = _NSIG / 8;
     if (wait_nr > 0 && timeout_ms >= 0) {
@@ -293,6 +303,7 @@ int Ring::enter(unsigned wait_nr, int timeout_ms) {
         ts.tv_nsec = static_cast<long long>(timeout_ms % 1000) * 1000000;
         arg.ts = reinterpret_cast<uint64_t>(&ts);
     }
+    if (wait_nr > 1 && has_min_wait()) arg.min_wait_usec = min_wait_us;
     const unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
     if (sys_enter(fd_, to_submit, wait_nr, flags, &arg, sizeof(arg)) >= 0) return 0;
     const int err = errno;

@@ -73,8 +73,9 @@ class Ring {
     // One io_uring_enter: submits every queued SQE and, when wait_nr > 0, waits for that many
     // CQEs or timeout_ms (< 0: no limit). Always asks for events, so that DEFER_TASKRUN task work
     // runs. Returns 0, or -errno for the harmless outcomes (ETIME, EINTR, EAGAIN, EBUSY); throws
-    // SystemError for anything else.
-    int enter(unsigned wait_nr, int timeout_ms);
+    // SystemError for anything else. min_wait_us > 0 (Linux >= 6.12, see has_min_wait()) makes
+    // wait_nr a batch target: after min_wait_us the call returns once one CQE is there.
+    int enter(unsigned wait_nr, int timeout_ms, unsigned min_wait_us = 0);
 
     // CQ access: ready() is how many CQEs wait; cqe(i) is the i-th of them; consume(n) hands n
     // back to the kernel.
@@ -87,6 +88,8 @@ class Ring {
 
     uint32_t setup_flags() const noexcept { return flags_; }
     uint32_t kernel_features() const noexcept { return features_; }
+    // IORING_FEAT_MIN_TIMEOUT (Linux >= 6.12): enter() can take a batch wait.
+    bool has_min_wait() const noexcept { return (features_ & (1u << 15)) != 0; }
     // The setup flags in words, for logs and tests ("defer_taskrun single_issuer ...").
     std::string describe_flags() const;
 
@@ -135,6 +138,7 @@ class BufferRing {
     bool active() const noexcept { return array_ != nullptr; }
     uint16_t group() const noexcept { return group_; }
     unsigned size() const noexcept { return size_; }
+    unsigned count() const noexcept { return count_; }
     char* buffer(unsigned bid) const noexcept { return data_ + static_cast<size_t>(bid) * size_; }
     // Gives buffer `bid` back to the kernel.
     void recycle(unsigned bid) noexcept;

@@ -17,7 +17,7 @@ struct ServerConfig {
     uint16_t port = 6000;          // 0 picks a free port
     int workers = 0;               // 0 = number of CPUs
     std::string backend = "auto";  // "auto", "epoll", "io_uring", "iocp"
-    size_t buffer_size = 16384;    // bytes per IoData buffer (one recv at most this much)
+    size_t buffer_size = 65536;    // bytes per IoData buffer (one recv at most this much)
     size_t max_connections = 10000;
     double idle_timeout = 0.0;  // seconds; <= 0 means never
     bool verbose = false;       // log connects and disconnects to stderr, like the seed
