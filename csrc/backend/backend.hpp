@@ -39,15 +39,15 @@ namespace iocpnative {
 struct Event {
     enum class Kind : uint8_t { Accepted, Recv, Send };
     Kind kind = Kind::Recv;
-    Connection* conn = nullptr;  // Recv, Send
-    IoData* io = nullptr;        // Recv (may be nullptr on error), Send
-    int64_t result = 0;          // bytes, or -errno
+    Connection* conn = nullptr;          // Recv, Send
+    IoData* io = nullptr;                // Recv (may be nullptr on error), Send
+    int64_t result = 0;                  // bytes, or -errno
     socket_t accepted = kInvalidSocket;  // Accepted
 };
 
 // One per worker thread. All methods but wake() are called on that worker's thread only.
 class Poller {
-public:
+  public:
     virtual ~Poller() = default;
     // Blocks up to timeout_ms (-1 = no limit) for at least one event or a wake-up; fills at most
     // `max` events and returns how many (0 on timeout or wake-up). Throws SystemError only for a
@@ -74,14 +74,14 @@ public:
 
 // Everything a Poller needs from its server.
 struct PollerContext {
-    int index = 0;                   // worker index
-    int workers = 1;                 // worker count
+    int index = 0;                       // worker index
+    int workers = 1;                     // worker count
     socket_t listener = kInvalidSocket;  // bound and listening, non-blocking
-    IoDataPool* pool = nullptr;      // this worker's pool (the shared one for IOCP)
+    IoDataPool* pool = nullptr;          // this worker's pool (the shared one for IOCP)
 };
 
 class Backend {
-public:
+  public:
     virtual ~Backend() = default;
     virtual const char* name() const = 0;
     // One completion queue for all workers (IOCP): the core then uses one shared, locked pool and

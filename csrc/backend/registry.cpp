@@ -105,13 +105,14 @@ std::string resolve_backend(const std::string& requested) {
     for (const auto& st : backend_statuses()) {
         if (st.name != want) continue;
         if (st.available) return want;
-        throw std::invalid_argument("backend '" + want + "' is not available here (" +
-                                    st.reason + "); available: " + join(avail) + " or 'auto'");
+        throw std::invalid_argument("backend '" + want + "' is not available here (" + st.reason +
+                                    "); available: " + join(avail) + " or 'auto'");
     }
     throw std::invalid_argument("unknown backend '" + want + "'" +
                                 (requested == "auto" ? " (from IOCPNATIVE_BACKEND)" : "") +
                                 "; expected 'auto', 'iocp', 'io_uring' or 'epoll' (available "
-                                "here: " + join(avail) + ")");
+                                "here: " +
+                                join(avail) + ")");
 }
 
 std::unique_ptr<Backend> create_backend(const std::string& name) {

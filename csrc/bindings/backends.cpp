@@ -7,8 +7,7 @@ namespace iocpnative {
 namespace bindings {
 
 void register_backends(py::module_& m) {
-    m.def("available_backends", &available_backends,
-          "Backends usable here and now, best first.");
+    m.def("available_backends", &available_backends, "Backends usable here and now, best first.");
     m.def(
         "backend_statuses",
         [] {

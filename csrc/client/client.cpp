@@ -31,7 +31,9 @@ int64_t now_ms() {
     return duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
 }
 
-bool would_block(int err) { return err == EAGAIN || err == EWOULDBLOCK || err == EINPROGRESS; }
+bool would_block(int err) {
+    return err == EAGAIN || err == EWOULDBLOCK || err == EINPROGRESS;
+}
 
 #ifdef _WIN32
 constexpr int kSendFlags = 0;
@@ -107,7 +109,9 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
     }
 }
 
-Client::~Client() { close(); }
+Client::~Client() {
+    close();
+}
 
 void Client::close() noexcept {
     net::close_socket(sock_);
@@ -132,7 +136,8 @@ void Client::wait_io(bool want_read, bool want_write, int64_t deadline_ms, bool&
         int wait = -1;
         if (deadline_ms >= 0) {
             const int64_t left = deadline_ms - now_ms();
-            if (left <= 0) throw TimeoutError("timed out after " + std::to_string(timeout_s_) + " s");
+            if (left <= 0)
+                throw TimeoutError("timed out after " + std::to_string(timeout_s_) + " s");
             wait = static_cast<int>(std::min<int64_t>(left, int64_t{1} << 30));
         }
         const int n = IOCPNATIVE_POLL(&p, 1, wait);
@@ -207,9 +212,9 @@ void Client::request(const char* data, size_t len, char* out) {
             const size_t chunk = std::min(len - got, kMaxChunk);
             const auto n = ::recv(sock_, out + got, static_cast<io_len_t>(chunk), 0);
             if (n == 0) {
-                throw SystemError(ECONNRESET,
-                                  "connection closed by the server after " + std::to_string(got) +
-                                      " of " + std::to_string(len) + " bytes");
+                throw SystemError(ECONNRESET, "connection closed by the server after " +
+                                                  std::to_string(got) + " of " +
+                                                  std::to_string(len) + " bytes");
             }
             if (n > 0) {
                 got += static_cast<size_t>(n);

@@ -24,9 +24,9 @@ struct IoData;
 struct Connection {
     socket_t sock = kInvalidSocket;
     uint64_t id = 0;
-    int owner = 0;              // index of the ConnectionTable that lists it
-    uint32_t ops_in_flight = 0; // posted, completion not yet handled
-    bool closing = false;       // close() has been called; no new operation may be posted
+    int owner = 0;               // index of the ConnectionTable that lists it
+    uint32_t ops_in_flight = 0;  // posted, completion not yet handled
+    bool closing = false;        // close() has been called; no new operation may be posted
     // Set from another thread (stop, idle scan) to ask the thread handling the connection's
     // events to close it (IOCP: completions of one connection may run on any worker).
     std::atomic<bool> close_requested{false};
@@ -48,7 +48,7 @@ struct Connection {
 // them, with `shared` set so that add/remove/visit take a lock). Used on accept, on close and by
 // stop()/idle scans; never per message.
 class ConnectionTable {
-public:
+  public:
     explicit ConnectionTable(bool shared) : shared_(shared) {}
     void add(Connection* c);
     void remove(Connection* c);
@@ -64,7 +64,7 @@ public:
         for (Connection* c = head_; c != nullptr; c = c->next) fn(c);
     }
 
-private:
+  private:
     const bool shared_;
     std::mutex lock_;
     Connection* head_ = nullptr;

@@ -23,7 +23,9 @@ IoDataPool::IoDataPool(size_t buffer_size, bool shared, size_t max_cached)
       shared_(shared),
       max_cached_(cache_bound(buffer_size, max_cached)) {}
 
-IoDataPool::~IoDataPool() { trim(); }
+IoDataPool::~IoDataPool() {
+    trim();
+}
 
 void IoDataPool::trim() noexcept {
     std::unique_lock<std::mutex> guard(lock_, std::defer_lock);

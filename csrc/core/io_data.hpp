@@ -31,9 +31,9 @@ struct IoData {
     Connection* conn = nullptr;
     IoData* next_free = nullptr;
     Op op = Op::None;
-    uint32_t capacity = 0;  // buffer bytes after the header
-    uint32_t len = 0;       // valid bytes in the buffer
-    uint32_t offset = 0;    // bytes of [0, len) already sent
+    uint32_t capacity = 0;                    // buffer bytes after the header
+    uint32_t len = 0;                         // valid bytes in the buffer
+    uint32_t offset = 0;                      // bytes of [0, len) already sent
     socket_t accept_socket = kInvalidSocket;  // IOCP AcceptEx: the socket being accepted
 
     char* data() noexcept { return reinterpret_cast<char*>(this + 1); }
@@ -57,7 +57,7 @@ struct PoolCounters {
 // 64 KiB blocks would be 16 MiB per worker). The destructor frees every cached block; blocks still
 // in use at destruction are a bug that the counters (and LSan) report.
 class IoDataPool {
-public:
+  public:
     static constexpr size_t kMaxCachedBytes = 1u << 20;
     IoDataPool(size_t buffer_size, bool shared, size_t max_cached = 256);
     ~IoDataPool();
@@ -77,7 +77,7 @@ public:
         return counters_.allocated.load(std::memory_order_relaxed);
     }
 
-private:
+  private:
     IoData* acquire_unlocked();
     void release_unlocked(IoData* io) noexcept;
     static void add(std::atomic<int64_t>& c, int64_t v) noexcept {

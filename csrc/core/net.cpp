@@ -27,35 +27,63 @@ SystemError make_system_error(int err, const std::string& context) {
 int errno_from_native(int native) noexcept {
 #ifdef _WIN32
     switch (native) {
-        case WSAEADDRINUSE: return EADDRINUSE;
-        case WSAEADDRNOTAVAIL: return EADDRNOTAVAIL;
-        case WSAECONNREFUSED: return ECONNREFUSED;
-        case WSAECONNRESET: return ECONNRESET;
-        case WSAECONNABORTED: return ECONNABORTED;
-        case WSAETIMEDOUT: return ETIMEDOUT;
-        case WSAEWOULDBLOCK: return EWOULDBLOCK;
-        case WSAEINPROGRESS: return EINPROGRESS;
-        case WSAEALREADY: return EALREADY;
-        case WSAEINVAL: return EINVAL;
-        case WSAEACCES: return EACCES;
-        case WSAEMFILE: return EMFILE;
-        case WSAENOBUFS: return ENOBUFS;
-        case WSAENOTCONN: return ENOTCONN;
-        case WSAESHUTDOWN: return EPIPE;
-        case WSAENETUNREACH: return ENETUNREACH;
-        case WSAEHOSTUNREACH: return EHOSTUNREACH;
-        case WSAENOTSOCK: return ENOTSOCK;
-        case WSAEAFNOSUPPORT: return EAFNOSUPPORT;
-        case WSAEINTR: return EINTR;
+        case WSAEADDRINUSE:
+            return EADDRINUSE;
+        case WSAEADDRNOTAVAIL:
+            return EADDRNOTAVAIL;
+        case WSAECONNREFUSED:
+            return ECONNREFUSED;
+        case WSAECONNRESET:
+            return ECONNRESET;
+        case WSAECONNABORTED:
+            return ECONNABORTED;
+        case WSAETIMEDOUT:
+            return ETIMEDOUT;
+        case WSAEWOULDBLOCK:
+            return EWOULDBLOCK;
+        case WSAEINPROGRESS:
+            return EINPROGRESS;
+        case WSAEALREADY:
+            return EALREADY;
+        case WSAEINVAL:
+            return EINVAL;
+        case WSAEACCES:
+            return EACCES;
+        case WSAEMFILE:
+            return EMFILE;
+        case WSAENOBUFS:
+            return ENOBUFS;
+        case WSAENOTCONN:
+            return ENOTCONN;
+        case WSAESHUTDOWN:
+            return EPIPE;
+        case WSAENETUNREACH:
+            return ENETUNREACH;
+        case WSAEHOSTUNREACH:
+            return EHOSTUNREACH;
+        case WSAENOTSOCK:
+            return ENOTSOCK;
+        case WSAEAFNOSUPPORT:
+            return EAFNOSUPPORT;
+        case WSAEINTR:
+            return EINTR;
         // WSA_OPERATION_ABORTED is ERROR_OPERATION_ABORTED (995): one case serves both.
-        case WSA_OPERATION_ABORTED: return ECANCELED;
-        case WSAENETRESET: return ECONNRESET;
-        case ERROR_NOT_ENOUGH_MEMORY: return ENOMEM;
-        case ERROR_NETNAME_DELETED: return ECONNRESET;
-        case ERROR_CONNECTION_REFUSED: return ECONNREFUSED;
-        case ERROR_CONNECTION_ABORTED: return ECONNABORTED;
-        case WAIT_TIMEOUT: return ETIMEDOUT;
-        default: return native == 0 ? 0 : EIO;
+        case WSA_OPERATION_ABORTED:
+            return ECANCELED;
+        case WSAENETRESET:
+            return ECONNRESET;
+        case ERROR_NOT_ENOUGH_MEMORY:
+            return ENOMEM;
+        case ERROR_NETNAME_DELETED:
+            return ECONNRESET;
+        case ERROR_CONNECTION_REFUSED:
+            return ECONNREFUSED;
+        case ERROR_CONNECTION_ABORTED:
+            return ECONNABORTED;
+        case WAIT_TIMEOUT:
+            return ETIMEDOUT;
+        default:
+            return native == 0 ? 0 : EIO;
     }
 #else
     return native;
@@ -141,11 +169,10 @@ Listener listen_tcp(const std::string& host, uint16_t port, int backlog) {
     hints.ai_flags = AI_PASSIVE;
     addrinfo* res = nullptr;
     const std::string service = std::to_string(port);
-    const int gai = ::getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints,
-                                  &res);
+    const int gai =
+        ::getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &res);
     if (gai != 0 || res == nullptr) {
-        throw std::invalid_argument("host '" + host +
-                                    "' does not resolve to a local address: " +
+        throw std::invalid_argument("host '" + host + "' does not resolve to a local address: " +
                                     std::string(gai_strerror(gai)));
     }
     int err = 0;

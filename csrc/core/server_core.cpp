@@ -33,7 +33,9 @@ void validate(const ServerConfig& cfg) {
 ServerCore::ServerCore(ServerConfig cfg, std::shared_ptr<DataHandler> handler)
     : cfg_(std::move(cfg)), handler_(std::move(handler)), backend_name_(cfg_.backend) {}
 
-ServerCore::~ServerCore() { free_resources(); }
+ServerCore::~ServerCore() {
+    free_resources();
+}
 
 ServerCore::State ServerCore::state() const {
     std::lock_guard<std::mutex> g(mu_);
@@ -150,7 +152,10 @@ void ServerCore::free_resources() {
         // dropped the server. The threads hold a reference, so this runs on the last of them.
         for (auto& t : threads_) {
             if (t.joinable()) {
-                if (t.get_id() == std::this_thread::get_id()) t.detach(); else t.join();
+                if (t.get_id() == std::this_thread::get_id())
+                    t.detach();
+                else
+                    t.join();
             }
         }
         threads_.clear();
@@ -203,13 +208,29 @@ Server::~Server() {
     }
 }
 
-void Server::start() { core_->start(); }
-void Server::stop(double timeout_s) { core_->stop(timeout_s); }
-bool Server::running() const { return core_->state() == ServerCore::State::Running; }
-uint16_t Server::port() const { return core_->port(); }
-const std::string& Server::host() const { return core_->config().host; }
-const std::string& Server::backend() const { return core_->backend_name(); }
-int Server::workers() const { return core_->worker_count(); }
-ServerStats Server::stats() const { return core_->stats(); }
+void Server::start() {
+    core_->start();
+}
+void Server::stop(double timeout_s) {
+    core_->stop(timeout_s);
+}
+bool Server::running() const {
+    return core_->state() == ServerCore::State::Running;
+}
+uint16_t Server::port() const {
+    return core_->port();
+}
+const std::string& Server::host() const {
+    return core_->config().host;
+}
+const std::string& Server::backend() const {
+    return core_->backend_name();
+}
+int Server::workers() const {
+    return core_->worker_count();
+}
+ServerStats Server::stats() const {
+    return core_->stats();
+}
 
 }  // namespace iocpnative

@@ -20,7 +20,7 @@ namespace iocpnative {
 class Worker;
 
 class ServerCore : public std::enable_shared_from_this<ServerCore> {
-public:
+  public:
     ServerCore(ServerConfig cfg, std::shared_ptr<DataHandler> handler);
     ~ServerCore();
 
@@ -43,7 +43,7 @@ public:
     const std::string& backend_name() const { return backend_name_; }
     int worker_count() const { return worker_count_; }
 
-private:
+  private:
     void free_resources();
 
     ServerConfig cfg_;

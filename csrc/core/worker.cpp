@@ -124,9 +124,8 @@ void Worker::dispatch(const Event& ev) {
 
 void Worker::on_accepted(socket_t s) {
     auto& active = core_.active_connections();
-    if (draining_ ||
-        active.load(std::memory_order_relaxed) >=
-            static_cast<int64_t>(core_.config().max_connections)) {
+    if (draining_ || active.load(std::memory_order_relaxed) >=
+                         static_cast<int64_t>(core_.config().max_connections)) {
         // Accepted and closed at once: the peer sees EOF instead of waiting in a queue. Counted
         // first, so that a peer which has seen the EOF also sees the count.
         if (!draining_) WorkerStats::add(stats_.rejected_connections, 1);

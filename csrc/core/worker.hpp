@@ -24,14 +24,14 @@ namespace iocpnative {
 class ServerCore;
 
 class Worker {
-public:
+  public:
     Worker(ServerCore& core, int index, std::unique_ptr<Poller> poller, IoDataPool& pool,
            ConnectionTable& table, WorkerStats& stats);
     ~Worker();
     void run() noexcept;  // thread body; returns after stop() once everything has drained
     Poller& poller() { return *poller_; }
 
-private:
+  private:
     void loop();
     void handle_events(const Event* events, int n);
     void handle_events_with_handler(const Event* events, int n);

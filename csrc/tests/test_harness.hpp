@@ -47,33 +47,35 @@ inline std::vector<std::string> backends_under_test(std::vector<std::string> ava
     const std::string list = std::string(",") + skip + ",";
     std::vector<std::string> out;
     for (auto& name : available) {
-        if (list.find("," + name + ",") == std::string::npos) out.push_back(std::move(name));
-        else std::printf("  backend %s skipped (IOCPNATIVE_TEST_SKIP_BACKENDS)\n", name.c_str());
+        if (list.find("," + name + ",") == std::string::npos)
+            out.push_back(std::move(name));
+        else
+            std::printf("  backend %s skipped (IOCPNATIVE_TEST_SKIP_BACKENDS)\n", name.c_str());
     }
     return out;
 }
 
 }  // namespace testh
 
-#define TEST_CASE(name)                                                   \
-    static int name();                                                    \
-    static ::testh::Register register_##name(#name, name);               \
+#define TEST_CASE(name)                                    \
+    static int name();                                     \
+    static ::testh::Register register_##name(#name, name); \
     static int name()
 
-#define ASSERT_TRUE(expr)                                                 \
-    do {                                                                  \
-        if (!(expr)) ::testh::fail(__FILE__, __LINE__, #expr);            \
+#define ASSERT_TRUE(expr)                                      \
+    do {                                                       \
+        if (!(expr)) ::testh::fail(__FILE__, __LINE__, #expr); \
     } while (0)
 
-#define ASSERT_OP(a, op, b)                                                                 \
-    do {                                                                                    \
-        const auto va_ = (a);                                                               \
-        const auto vb_ = (b);                                                               \
-        if (!(va_ op vb_)) {                                                                \
-            ::testh::fail(__FILE__, __LINE__,                                               \
-                          std::string(#a " " #op " " #b " (") + std::to_string(va_) +       \
-                              " vs " + std::to_string(vb_) + ")");                          \
-        }                                                                                   \
+#define ASSERT_OP(a, op, b)                                                                    \
+    do {                                                                                       \
+        const auto va_ = (a);                                                                  \
+        const auto vb_ = (b);                                                                  \
+        if (!(va_ op vb_)) {                                                                   \
+            ::testh::fail(__FILE__, __LINE__,                                                  \
+                          std::string(#a " " #op " " #b " (") + std::to_string(va_) + " vs " + \
+                              std::to_string(vb_) + ")");                                      \
+        }                                                                                      \
     } while (0)
 
 #define ASSERT_EQ(a, b) ASSERT_OP(a, ==, b)
@@ -83,26 +85,30 @@ inline std::vector<std::string> backends_under_test(std::vector<std::string> ava
 #define ASSERT_GT(a, b) ASSERT_OP(a, >, b)
 
 // Defines main(): `prog` lists tests, `prog NAME` runs one, `prog --all` runs all in-process.
-#define TEST_MAIN()                                                                     \
-    int main(int argc, char** argv) {                                                   \
-        auto& tests = ::testh::registry();                                              \
-        if (argc < 2) {                                                                 \
-            for (auto& t : tests) std::printf("%s\n", t.name);                          \
-            return 0;                                                                   \
-        }                                                                               \
-        const bool all = std::strcmp(argv[1], "--all") == 0;                            \
-        int ran = 0, rc = 0;                                                            \
-        for (auto& t : tests) {                                                         \
-            if (!all && std::strcmp(t.name, argv[1]) != 0) continue;                    \
-            ++ran;                                                                      \
-            const int r = t.body();                                                     \
-            std::printf("%s %s\n", r == ::testh::kPass ? "ok" : r == ::testh::kSkip ? "skip" : "FAIL", t.name); \
-            if (r != ::testh::kPass && !(r == ::testh::kSkip && !all)) rc = r;          \
-            if (r == ::testh::kSkip && !all) rc = r;                                    \
-        }                                                                               \
-        if (ran == 0) {                                                                 \
-            std::fprintf(stderr, "no test named %s\n", argv[1]);                        \
-            return 2;                                                                   \
-        }                                                                               \
-        return rc;                                                                      \
+#define TEST_MAIN()                                                            \
+    int main(int argc, char** argv) {                                          \
+        auto& tests = ::testh::registry();                                     \
+        if (argc < 2) {                                                        \
+            for (auto& t : tests) std::printf("%s\n", t.name);                 \
+            return 0;                                                          \
+        }                                                                      \
+        const bool all = std::strcmp(argv[1], "--all") == 0;                   \
+        int ran = 0, rc = 0;                                                   \
+        for (auto& t : tests) {                                                \
+            if (!all && std::strcmp(t.name, argv[1]) != 0) continue;           \
+            ++ran;                                                             \
+            const int r = t.body();                                            \
+            std::printf("%s %s\n",                                             \
+                        r == ::testh::kPass   ? "ok"                           \
+                        : r == ::testh::kSkip ? "skip"                         \
+                                              : "FAIL",                        \
+                        t.name);                                               \
+            if (r != ::testh::kPass && !(r == ::testh::kSkip && !all)) rc = r; \
+            if (r == ::testh::kSkip && !all) rc = r;                           \
+        }                                                                      \
+        if (ran == 0) {                                                        \
+            std::fprintf(stderr, "no test named %s\n", argv[1]);               \
+            return 2;                                                          \
+        }                                                                      \
+        return rc;                                                             \
     }

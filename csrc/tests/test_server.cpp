@@ -62,8 +62,8 @@ TEST_CASE(echo_is_byte_exact) {
         srv.start();
         ASSERT_TRUE(srv.port() != 0);
         Client cli("127.0.0.1", srv.port(), 10.0);
-        for (size_t n : {size_t{1}, size_t{999}, size_t{1000}, size_t{1001}, size_t{65536},
-                         size_t{3} << 20}) {
+        for (size_t n :
+             {size_t{1}, size_t{999}, size_t{1000}, size_t{1001}, size_t{65536}, size_t{3} << 20}) {
             const std::string out = random_bytes(n, static_cast<unsigned>(n));
             std::string back(n, '\0');
             cli.request(out.data(), n, &back[0]);
@@ -92,7 +92,8 @@ TEST_CASE(many_clients_concurrently) {
                 }
                 for (int round = 0; round < 20; ++round) {
                     for (size_t i = 0; i < clients.size(); ++i) {
-                        const std::string msg = random_bytes(100 + i * 37, static_cast<unsigned>(t * 1000 + round));
+                        const std::string msg =
+                            random_bytes(100 + i * 37, static_cast<unsigned>(t * 1000 + round));
                         std::string back(msg.size(), '\0');
                         clients[i]->request(msg.data(), msg.size(), &back[0]);
                         if (back == msg) ok.fetch_add(1);

@@ -54,7 +54,7 @@ constexpr int kReadyOnlyRounds = 4;      // rounds served from the queue before 
 constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
 
 class EpollPoller final : public Poller {
-public:
+  public:
     explicit EpollPoller(const PollerContext& ctx) : pool_(*ctx.pool), listener_(ctx.listener) {
         ep_ = ::epoll_create1(EPOLL_CLOEXEC);
         if (ep_ < 0) throw make_system_error(errno, "epoll_create1");
@@ -83,8 +83,10 @@ public:
         // After a clean drain the queue is empty; if a worker died, give back what it held.
         for (size_t i = head_; i < ready_.size(); ++i) {
             Event& e = ready_[i];
-            if (e.kind == Event::Kind::Accepted) net::close_socket(e.accepted);
-            else pool_.release(e.io);
+            if (e.kind == Event::Kind::Accepted)
+                net::close_socket(e.accepted);
+            else
+                pool_.release(e.io);
         }
         close_fds();
     }
@@ -154,7 +156,7 @@ public:
         (void)!::write(wake_fd_, &one, sizeof(one));
     }
 
-private:
+  private:
     void close_fds() {
         if (wake_fd_ >= 0) ::close(wake_fd_);
         if (ep_ >= 0) ::close(ep_);
@@ -306,7 +308,7 @@ private:
 };
 
 class EpollBackend final : public Backend {
-public:
+  public:
     const char* name() const override { return "epoll"; }
     std::unique_ptr<Poller> make_poller(const PollerContext& ctx) override {
         return std::make_unique<EpollPoller>(ctx);
@@ -315,7 +317,9 @@ public:
 
 }  // namespace
 
-std::unique_ptr<Backend> make_epoll_backend() { return std::make_unique<EpollBackend>(); }
+std::unique_ptr<Backend> make_epoll_backend() {
+    return std::make_unique<EpollBackend>();
+}
 
 std::string probe_epoll() {
     const int fd = ::epoll_create1(EPOLL_CLOEXEC);

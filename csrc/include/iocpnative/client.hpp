@@ -10,7 +10,7 @@
 namespace iocpnative {
 
 class Client {
-public:
+  public:
     // Connects (IPv4 or IPv6, numeric or by name). timeout_s <= 0 means no limit.
     // Throws SystemError (ECONNREFUSED, ...), TimeoutError, std::invalid_argument (bad host).
     Client(const std::string& host, uint16_t port, double timeout_s);
@@ -33,7 +33,7 @@ public:
     double timeout() const noexcept { return timeout_s_; }
     void set_timeout(double timeout_s) noexcept { timeout_s_ = timeout_s; }
 
-private:
+  private:
     void require_open() const;
     // Waits for readability/writability; throws TimeoutError at the deadline.
     // Returns (readable, writable).

@@ -12,18 +12,18 @@
 namespace iocpnative {
 
 class SystemError : public std::runtime_error {
-public:
+  public:
     SystemError(int err, const std::string& what) : std::runtime_error(what), err_(err) {}
     // A POSIX errno value (EADDRINUSE, ECONNREFUSED, ...).
     int code() const noexcept { return err_; }
 
-private:
+  private:
     int err_;
 };
 
 // A deadline passed (connect, recv, or stop(timeout) with workers that did not finish).
 class TimeoutError : public std::runtime_error {
-public:
+  public:
     using std::runtime_error::runtime_error;
 };
 

@@ -25,7 +25,7 @@ struct DataChunk {
 // worker threads; one connection's calls never overlap. on_disconnect is called once for every
 // connection on_connect was called for.
 class DataHandler {
-public:
+  public:
     virtual ~DataHandler() = default;
     // `data` is one received chunk (TCP has no message boundaries). Append the reply to `out`
     // (leave it empty to send nothing). Return false to close the connection: a handler error.
@@ -44,7 +44,7 @@ public:
 class ServerCore;
 
 class Server {
-public:
+  public:
     explicit Server(ServerConfig cfg, std::shared_ptr<DataHandler> handler = nullptr);
     ~Server();  // stops (and waits) if still running
     Server(const Server&) = delete;
@@ -59,13 +59,13 @@ public:
     void stop(double timeout_s = 5.0);
 
     bool running() const;
-    uint16_t port() const;                // the bound port (after start)
+    uint16_t port() const;  // the bound port (after start)
     const std::string& host() const;
     const std::string& backend() const;  // resolved name (after start), else the requested one
-    int workers() const;                  // resolved count
+    int workers() const;                 // resolved count
     ServerStats stats() const;
 
-private:
+  private:
     std::shared_ptr<ServerCore> core_;
 };
 
