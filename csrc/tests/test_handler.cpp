@@ -19,37 +19,15 @@
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
+#include "test_util.hpp"
 
 using namespace iocpnative;
+using testutil::config_for;
+using testutil::expect_pool_freed;
+using testutil::for_each_backend;
+using testutil::random_bytes;
 
 namespace {
-
-template <class Fn>
-int for_each_backend(Fn&& fn) {
-    const auto names = available_backends();
-    if (names.empty()) return testh::kSkip;
-    for (const auto& name : names) {
-        std::printf("  backend %s\n", name.c_str());
-        fn(name);
-    }
-    return testh::kPass;
-}
-
-ServerConfig config_for(const std::string& backend, size_t buffer_size) {
-    ServerConfig cfg;
-    cfg.port = 0;
-    cfg.workers = 2;
-    cfg.backend = backend;
-    cfg.buffer_size = buffer_size;
-    return cfg;
-}
-
-void expect_pool_freed(const Server& srv) {
-    const ServerStats st = srv.stats();
-    ASSERT_EQ(st.pool_in_use, 0);
-    ASSERT_EQ(st.pool_allocated, 0);
-    ASSERT_EQ(st.active_connections, 0);
-}
 
 // Each received byte b comes back as `repeat` copies of toupper(b); '!' is a handler error and
 // '?' is swallowed (no reply). Byte-wise, so the replies do not depend on how reads split.

@@ -18,9 +18,14 @@
 #include "iocpnative/platform.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
+#include "test_util.hpp"
 
 using namespace iocpnative;
 using iocp::CompletionPaths;
+using testutil::config_for;
+using testutil::expect_pool_freed;
+using testutil::for_each_backend;
+using testutil::random_bytes;
 
 namespace {
 
@@ -53,13 +58,6 @@ void print(const CompletionPaths& d) {
         static_cast<long long>(d.success_with_packet), static_cast<long long>(d.failed_at_once),
         static_cast<long long>(d.packets), static_cast<long long>(d.accepts_completed),
         static_cast<long long>(d.accept_resets), static_cast<long long>(d.wakeups_forwarded));
-}
-
-void expect_pool_freed(const Server& srv) {
-    const ServerStats st = srv.stats();
-    ASSERT_EQ(st.pool_in_use, 0);
-    ASSERT_EQ(st.pool_allocated, 0);
-    ASSERT_EQ(st.active_connections, 0);
 }
 
 void set_skip_mode(bool on) {

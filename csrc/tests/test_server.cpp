@@ -14,45 +14,13 @@
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
+#include "test_util.hpp"
 
 using namespace iocpnative;
-
-namespace {
-
-std::string random_bytes(size_t n, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::string s(n, '\0');
-    for (auto& ch : s) ch = static_cast<char>(rng() & 0xff);
-    return s;
-}
-
-ServerConfig config_for(const std::string& backend) {
-    ServerConfig cfg;
-    cfg.port = 0;
-    cfg.workers = 2;
-    cfg.backend = backend;
-    return cfg;
-}
-
-template <class Fn>
-int for_each_backend(Fn&& fn) {
-    const auto names = testh::backends_under_test(available_backends());
-    if (names.empty()) return testh::kSkip;
-    for (const auto& name : names) {
-        std::printf("  backend %s\n", name.c_str());
-        fn(name);
-    }
-    return testh::kPass;
-}
-
-void expect_pool_freed(const Server& srv) {
-    const ServerStats st = srv.stats();
-    ASSERT_EQ(st.pool_in_use, 0);
-    ASSERT_EQ(st.pool_allocated, 0);
-    ASSERT_EQ(st.active_connections, 0);
-}
-
-}  // namespace
+using testutil::config_for;
+using testutil::expect_pool_freed;
+using testutil::for_each_backend;
+using testutil::random_bytes;
 
 TEST_CASE(echo_is_byte_exact) {
     return for_each_backend([](const std::string& backend) {

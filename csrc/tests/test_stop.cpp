@@ -12,31 +12,13 @@
 #include "iocpnative/client.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
+#include "test_util.hpp"
 
 using namespace iocpnative;
-
-namespace {
-
-ServerConfig config_for(const std::string& backend) {
-    ServerConfig cfg;
-    cfg.port = 0;
-    cfg.workers = 2;
-    cfg.backend = backend;
-    return cfg;
-}
-
-template <class Fn>
-int for_each_backend(Fn&& fn) {
-    const auto names = available_backends();
-    if (names.empty()) return testh::kSkip;
-    for (const auto& name : names) {
-        std::printf("  backend %s\n", name.c_str());
-        fn(name);
-    }
-    return testh::kPass;
-}
-
-}  // namespace
+using testutil::config_for;
+using testutil::expect_pool_freed;
+using testutil::for_each_backend;
+using testutil::random_bytes;
 
 TEST_CASE(concurrent_stops_join_once) {
     return for_each_backend([](const std::string& backend) {

@@ -20,20 +20,18 @@
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
+#include "test_util.hpp"
 
 using namespace iocpnative;
+using testutil::config_for;
+using testutil::expect_pool_freed;
+using testutil::for_each_backend;
+using testutil::random_bytes;
 
 namespace {
 
 constexpr int kClients = 300;
 constexpr size_t kFloodBytes = size_t{4} << 20;  // more than loopback's socket buffers hold
-
-std::string random_bytes(size_t n, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::string s(n, '\0');
-    for (auto& ch : s) ch = static_cast<char>(rng() & 0xff);
-    return s;
-}
 
 // Waits until the server has read at least `bytes` (its counters are updated by the workers).
 bool wait_received(const Server& srv, int64_t bytes, double seconds) {

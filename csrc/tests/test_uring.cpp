@@ -19,8 +19,13 @@
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
+#include "test_util.hpp"
 
 using namespace iocpnative;
+using testutil::config_for;
+using testutil::expect_pool_freed;
+using testutil::for_each_backend;
+using testutil::random_bytes;
 
 namespace {
 
@@ -45,20 +50,6 @@ ServerConfig uring_config() {
     cfg.workers = 2;
     cfg.backend = "io_uring";
     return cfg;
-}
-
-std::string random_bytes(size_t n, unsigned seed) {
-    std::mt19937 rng(seed);
-    std::string s(n, '\0');
-    for (auto& ch : s) ch = static_cast<char>(rng() & 0xff);
-    return s;
-}
-
-void expect_pool_freed(const Server& srv) {
-    const ServerStats st = srv.stats();
-    ASSERT_EQ(st.pool_in_use, 0);
-    ASSERT_EQ(st.pool_allocated, 0);
-    ASSERT_EQ(st.active_connections, 0);
 }
 
 // Echo through small buffers (short sends, many recvs), then stop with clients that never read.
