@@ -37,6 +37,17 @@ def _wheel() -> Path | None:
     return wheels[-1] if wheels else None
 
 
+def _wheel_or_build(session: nox.Session) -> Path:
+    """The newest wheel in dist/, built first when there is none."""
+    wheel = _wheel()
+    if wheel is None:
+        session.install("build")
+        session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
+        wheel = _wheel()
+    assert wheel is not None
+    return wheel
+
+
 def _cmake_build(
     session: nox.Session, build_dir: Path, *defines: str, targets: tuple[str, ...] = ()
 ) -> None:
@@ -62,12 +73,7 @@ def build(session: nox.Session) -> None:
 @nox.session(reuse_venv=True)
 def test(session: nox.Session) -> None:
     """pytest against the installed wheel, then the C++ tests with CTest."""
-    wheel = _wheel()
-    if wheel is None:
-        session.install("build")
-        session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
-        wheel = _wheel()
-    assert wheel is not None
+    wheel = _wheel_or_build(session)
     session.install(*TEST_DEPS, "cmake", "ninja")
     session.install("--force-reinstall", "--no-deps", str(wheel))
     # Run from tests/ so that `import iocpnative` finds the installed wheel, not python/.
@@ -134,12 +140,7 @@ def mingw(session: nox.Session) -> None:
     ]  # fmt: skip
     if missing:
         session.error("nox -s mingw needs " + " and ".join(missing) + ": not found on PATH")
-    wheel = _wheel()
-    if wheel is None:
-        session.install("build")
-        session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
-        wheel = _wheel()
-    assert wheel is not None
+    wheel = _wheel_or_build(session)
     session.install(*TEST_DEPS, "cmake", "ninja")
     session.install("--force-reinstall", "--no-deps", str(wheel))
 
@@ -314,12 +315,7 @@ def valgrind(session: nox.Session) -> None:
 @nox.session(reuse_venv=True)
 def soak(session: nox.Session) -> None:
     """Mixed traffic against the installed wheel: ``nox -s soak -- --minutes N``."""
-    wheel = _wheel()
-    if wheel is None:
-        session.install("build")
-        session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
-        wheel = _wheel()
-    assert wheel is not None
+    wheel = _wheel_or_build(session)
     session.install("--force-reinstall", "--no-deps", str(wheel))
     session.run("python", str(ROOT / "tests" / "soak.py"), *session.posargs)
 

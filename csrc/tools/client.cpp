@@ -13,9 +13,6 @@
 
 namespace {
 
-constexpr int kExitError = 1;
-constexpr int kExitUsage = 2;
-
 const char kUsage[] =
     "usage: iocpnative-client [--host HOST] [--port PORT] [--interval SECONDS] [--count N]\n"
     "                         [--timeout SECONDS]\n"
@@ -75,24 +72,6 @@ int run(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    Settings s;
-    try {
-        s = parse(argc, argv);
-    } catch (const std::invalid_argument& e) {
-        std::fprintf(stderr, "%siocpnative-client: error: %s\n", kUsage, e.what());
-        return kExitUsage;
-    }
-    if (s.help) {
-        std::fputs(kUsage, stdout);
-        return 0;
-    }
-    try {
-        return run(s);
-    } catch (const std::invalid_argument& e) {
-        std::fprintf(stderr, "iocpnative-client: error: %s\n", e.what());
-        return kExitUsage;
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "iocpnative-client: error: %s\n", e.what());
-        return kExitError;
-    }
+    return iocpnative::tools::tool_main<Settings>("iocpnative-client", kUsage, argc, argv, parse,
+                                                  run);
 }

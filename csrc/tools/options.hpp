@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cerrno>
+#include <cstdio>
+#include <exception>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -76,6 +78,35 @@ class Options {
     std::string inline_value_;
     bool has_inline_ = false;
 };
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+
+// The tools' main(): parse, print usage on --help, run; errors become one line on stderr and
+// exit code 2 (bad values) or 1 (anything else), as the Python CLI does.
+template <class Settings, class Parse, class Run>
+int tool_main(const char* name, const char* usage, int argc, char** argv, Parse parse, Run run) {
+    Settings s;
+    try {
+        s = parse(argc, argv);
+    } catch (const std::invalid_argument& e) {
+        std::fprintf(stderr, "%s%s: error: %s\n", usage, name, e.what());
+        return kExitUsage;
+    }
+    if (s.help) {
+        std::fputs(usage, stdout);
+        return 0;
+    }
+    try {
+        return run(s);
+    } catch (const std::invalid_argument& e) {
+        std::fprintf(stderr, "%s: error: %s\n", name, e.what());
+        return kExitUsage;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "%s: error: %s\n", name, e.what());
+        return kExitError;
+    }
+}
 
 }  // namespace tools
 }  // namespace iocpnative

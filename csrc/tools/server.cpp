@@ -32,8 +32,6 @@ namespace {
 using iocpnative::ServerConfig;
 using iocpnative::ServerStats;
 
-constexpr int kExitError = 1;
-constexpr int kExitUsage = 2;
 constexpr double kStopTimeoutS = 10.0;
 
 const char kUsage[] =
@@ -217,24 +215,6 @@ int run(const Settings& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    Settings s;
-    try {
-        s = parse(argc, argv);
-    } catch (const std::invalid_argument& e) {
-        std::fprintf(stderr, "%siocpnative-server: error: %s\n", kUsage, e.what());
-        return kExitUsage;
-    }
-    if (s.help) {
-        std::fputs(kUsage, stdout);
-        return 0;
-    }
-    try {
-        return run(s);
-    } catch (const std::invalid_argument& e) {
-        std::fprintf(stderr, "iocpnative-server: error: %s\n", e.what());
-        return kExitUsage;
-    } catch (const std::exception& e) {
-        std::fprintf(stderr, "iocpnative-server: error: %s\n", e.what());
-        return kExitError;
-    }
+    return iocpnative::tools::tool_main<Settings>("iocpnative-server", kUsage, argc, argv, parse,
+                                                  run);
 }
