@@ -153,6 +153,14 @@ def test_server_serves_and_stops_gracefully_on_signal(server_process, sig: int) 
     assert not any("Traceback" in ln for ln in sp.stderr_lines), sp.stderr_lines
 
 
+def test_server_batch_wait_flag(server_process) -> None:
+    sp = server_process("--batch-wait-us", "0")
+    with iocpnative.Client(port=sp.port) as cli:
+        assert cli.request(b"at once") == b"at once"
+    sp.proc.send_signal(signal.SIGINT)
+    assert sp.finish() == 0, sp.stderr_lines
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_server_signal_right_after_listening_line(server_process, sig: int) -> None:
     """The listening line means ready: a signal at once must also stop it gracefully."""
@@ -239,6 +247,8 @@ def test_server_port_in_use(make_server) -> None:
         (["server", "--max-connections", "0"], "max_connections must be"),
         (["server", "--idle-timeout", "0"], "idle_timeout must be"),
         (["server", "--idle-timeout", "nan"], "idle_timeout must be"),
+        (["server", "--batch-wait-us", "-1"], "batch_wait_us must be"),
+        (["bench", "--batch-wait-us", "1000001", "--duration", "1"], "batch_wait_us must be"),
         (["client", "--port", "70000", "--count", "1"], "port must be"),
         (["client", "--port", "6000", "--count", "0"], "count must be"),
         (["client", "--port", "6000", "--interval", "-1"], "interval must be"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import socket
 import subprocess
 import sys
@@ -169,3 +170,69 @@ def test_io_uring_fallbacks_echo_and_stop(
             data = os.urandom(n)
             assert cli.request(data) == data
     _stop_with_data_in_flight(backend)
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    parts = platform.release().split(".")
+    try:
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (IndexError, ValueError):
+        return False
+
+
+# Linux 6.12 brought the batch timeout (IORING_FEAT_MIN_TIMEOUT); older kernels never wait.
+MIN_WAIT = _kernel_at_least(6, 12)
+WINDOW_US = 300_000
+
+
+def _reply_delays(srv: Server, idle: int, rounds: int) -> list[float]:
+    """With `idle` quiet connections (their recvs posted), time `rounds` lone requests."""
+    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(idle)]
+    try:
+        deadline = time.monotonic() + 10
+        while srv.stats().active_connections < idle + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.stats().active_connections == idle + 1
+        time.sleep(0.05)  # every worker loop has posted its recvs and gone to sleep
+        delays = []
+        for i in range(rounds):
+            conns[0].sendall(b"q%d" % i)
+            t0 = time.monotonic()
+            assert conns[0].recv(16) == b"q%d" % i
+            delays.append(time.monotonic() - t0)
+        return delays
+    finally:
+        for c in conns:
+            c.close()
+
+
+@pytest.mark.parametrize("backend", URING)
+@pytest.mark.parametrize(
+    ("batch_wait_us", "off", "waits"),
+    [
+        (WINDOW_US, "", MIN_WAIT),  # batched: a lone request waits out the window, no more
+        (0, "", False),  # turned off: answered at once
+        (WINDOW_US, "min_wait", False),  # the kernel's batch timeout switched off: no batching
+    ],
+)
+def test_batch_wait_delays_a_lone_request_by_at_most_the_window(
+    backend: str, batch_wait_us: int, off: str, waits: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("IOCPNATIVE_URING_DISABLE", off)
+    with Server(port=0, workers=1, backend=backend, batch_wait_us=batch_wait_us) as srv:
+        # A handshake-completing client so active_connections counts the probe connection too.
+        with Client(port=srv.port, timeout=10) as cli:
+            assert cli.request(b"hello") == b"hello"
+            # 31 quiet connections + the client: 32 recvs posted, a batch of 4 is asked for.
+            delays = _reply_delays(srv, 31, 3)
+        window = WINDOW_US / 1e6
+        if waits:
+            # The window starts when the worker goes to sleep, so the first request waits out
+            # what is left of it; the next ones, sent right after a reply, wait it whole, and
+            # once: the reply's send completion reposts the recv before the worker sleeps.
+            assert all(d < 1.7 * window for d in delays), delays
+            assert all(d >= 0.8 * window for d in delays[1:]), delays
+        else:
+            assert min(delays) < 0.1 and max(delays) < 0.5 * window, delays
+    stats = srv.stats()
+    assert (stats.pool_in_use, stats.pool_allocated) == (0, 0)

@@ -78,6 +78,7 @@ struct PollerContext {
     int workers = 1;                     // worker count
     socket_t listener = kInvalidSocket;  // bound and listening, non-blocking
     IoDataPool* pool = nullptr;          // this worker's pool (the shared one for IOCP)
+    unsigned batch_wait_us = 0;          // ServerConfig::batch_wait_us (0: no batched waits)
 };
 
 class Backend {

@@ -37,7 +37,7 @@ void register_server(py::module_& m) {
     py::class_<Server, ServerHolder>(m, "Server")
         .def(py::init([](const std::string& host, int port, int workers, const std::string& backend,
                          size_t buffer_size, size_t max_connections, double idle_timeout,
-                         bool verbose, const py::object& handler) {
+                         bool verbose, const py::object& handler, int batch_wait_us) {
                  if (port < 0 || port > 65535) {
                      throw std::invalid_argument("port must be in 0..65535, got " +
                                                  std::to_string(port));
@@ -51,12 +51,14 @@ void register_server(py::module_& m) {
                  cfg.max_connections = max_connections;
                  cfg.idle_timeout = idle_timeout;
                  cfg.verbose = verbose;
+                 cfg.batch_wait_us = batch_wait_us;
                  validate(cfg);
                  return ServerHolder(new Server(cfg, as_data_handler(handler)));
              }),
              py::arg("host"), py::arg("port"), py::arg("workers"), py::arg("backend"),
              py::arg("buffer_size"), py::arg("max_connections"), py::arg("idle_timeout"),
-             py::arg("verbose"), py::arg("handler") = py::none())
+             py::arg("verbose"), py::arg("handler") = py::none(),
+             py::arg("batch_wait_us") = kDefaultBatchWaitUs)
         .def("start", &Server::start, py::call_guard<py::gil_scoped_release>())
         .def("stop", &Server::stop, py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
         .def("stats", [](const Server& s) { return stats_dict(s.stats()); })

@@ -27,6 +27,11 @@ void validate(const ServerConfig& cfg) {
     if (!(cfg.idle_timeout >= 0.0)) {
         throw std::invalid_argument("idle_timeout must be a number of seconds > 0 (or None)");
     }
+    if (cfg.batch_wait_us < 0 || cfg.batch_wait_us > kMaxBatchWaitUs) {
+        throw std::invalid_argument("batch_wait_us must be between 0 and " +
+                                    std::to_string(kMaxBatchWaitUs) + " microseconds, got " +
+                                    std::to_string(cfg.batch_wait_us));
+    }
     if (cfg.backlog < 1) throw std::invalid_argument("backlog must be >= 1");
 }
 
@@ -71,6 +76,7 @@ void ServerCore::start() {
             ctx.listener = l.sock;
             const size_t q = shared ? 0 : static_cast<size_t>(i);
             ctx.pool = pools_[q].get();
+            ctx.batch_wait_us = static_cast<unsigned>(cfg_.batch_wait_us);
             workers_.push_back(std::make_unique<Worker>(*this, i, backend_->make_poller(ctx),
                                                         *pools_[q], *tables_[q],
                                                         *worker_stats_.back()));

@@ -38,6 +38,7 @@ const char kUsage[] =
     "usage: iocpnative-server [--host HOST] [--port PORT] [--workers N]\n"
     "                         [--backend {auto,iocp,io_uring,epoll}] [--buffer-size BYTES]\n"
     "                         [--max-connections N] [--idle-timeout SECONDS] [-v]\n"
+    "                         [--batch-wait-us MICROSECONDS]\n"
     "                         [--run-seconds SECONDS] [--crash-dump-dir DIR] [--test-crash]\n"
     "Echo server; stops on Ctrl-C/SIGTERM or after --run-seconds, then prints final stats.\n";
 
@@ -70,6 +71,8 @@ Settings parse(int argc, char** argv) {
             s.cfg.max_connections = static_cast<size_t>(opt.integer(1, 1LL << 40));
         } else if (f == "--idle-timeout") {
             s.cfg.idle_timeout = opt.number(0.0);
+        } else if (f == "--batch-wait-us") {
+            s.cfg.batch_wait_us = static_cast<int>(opt.integer(0, iocpnative::kMaxBatchWaitUs));
         } else if (f == "-v" || f == "--verbose") {
             s.cfg.verbose = true;
         } else if (f == "--run-seconds") {

@@ -15,7 +15,7 @@ from typing import Any
 
 from ._bench import BenchResult, bench
 
-_SERVER_OPTIONS = ("backend", "workers", "buffer_size", "max_connections")
+_SERVER_OPTIONS = ("backend", "workers", "buffer_size", "max_connections", "batch_wait_us")
 
 
 def add_bench_parser(sub: Any) -> None:
@@ -43,6 +43,7 @@ def add_bench_parser(sub: Any) -> None:
     g.add_argument("--workers", type=int, default=None)
     g.add_argument("--buffer-size", type=int, default=None)
     g.add_argument("--max-connections", type=int, default=None)
+    g.add_argument("--batch-wait-us", type=int, default=None, help="see `server --help`")
     p.set_defaults(func=cmd_bench)
 
 

@@ -20,6 +20,20 @@ def check_port(port: object) -> int:
 MAX_WORKERS = 2**31 - 1
 MAX_BUFFER_SIZE = 64 << 20
 MAX_CONNECTIONS = 2**63 - 1
+MAX_BATCH_WAIT_US = 1_000_000  # ServerConfig's kMaxBatchWaitUs
+
+
+def check_batch_wait_us(value: object) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not 0 <= int(value) <= MAX_BATCH_WAIT_US
+    ):
+        raise ValueError(
+            f"batch_wait_us must be an integer in 0..{MAX_BATCH_WAIT_US} (microseconds), "
+            f"got {value!r}"
+        )
+    return int(value)
 
 
 def check_positive_int(name: str, value: object, maximum: int | None = None) -> int:

@@ -17,7 +17,13 @@ from ._backends import backend_statuses
 from ._bench_cli import add_bench_parser
 from ._client import run_client_loop
 from ._crash import enable_crash_dumps
-from ._server import DEFAULT_BUFFER_SIZE, DEFAULT_MAX_CONNECTIONS, Server, ServerStats
+from ._server import (
+    DEFAULT_BATCH_WAIT_US,
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_MAX_CONNECTIONS,
+    Server,
+    ServerStats,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -42,6 +48,13 @@ def _add_server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS)
     p.add_argument(
         "--idle-timeout", type=float, default=None, help="close connections idle this many seconds"
+    )
+    p.add_argument(
+        "--batch-wait-us",
+        type=int,
+        default=DEFAULT_BATCH_WAIT_US,
+        help="io_uring: wait up to this long for a batch of completions (0 = answer each at once;"
+        f" default {DEFAULT_BATCH_WAIT_US})",
     )
 
 
@@ -71,6 +84,7 @@ def _make_server(args: argparse.Namespace, port: int | None = None) -> Server:
         buffer_size=args.buffer_size,
         max_connections=args.max_connections,
         idle_timeout=args.idle_timeout,
+        batch_wait_us=args.batch_wait_us,
         verbose=getattr(args, "verbose", False),
         handler=_load_callable(spec) if spec else None,
     )

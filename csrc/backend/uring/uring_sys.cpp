@@ -137,6 +137,7 @@ Features features_from_env() {
     f.submit_all = !off("submit_all");
     f.multishot_accept = !off("multishot_accept");
     f.pbuf_ring = !off("pbuf_ring");
+    f.min_wait = !off("min_wait");
     return f;
 }
 
@@ -198,6 +199,7 @@ Ring::Ring(unsigned sq_entries, unsigned cq_entries, const Features& feat) {
     if (fd_ < 0) throw make_system_error(err, "io_uring_setup");
     flags_ = p.flags;
     features_ = p.features;
+    if (!feat.min_wait) features_ &= ~kFeatMinTimeout;
     if (!(features_ & IORING_FEAT_EXT_ARG)) {
         ::close(fd_);
         throw make_system_error(ENOSYS, "io_uring without IORING_FEAT_EXT_ARG (Linux < 5.11)");

@@ -25,6 +25,9 @@
 namespace iocpnative {
 namespace uring {
 
+// IORING_FEAT_MIN_TIMEOUT (Linux 6.12), spelled out: older headers lack it.
+constexpr uint32_t kFeatMinTimeout = 1u << 15;
+
 // Optional features, best first; each can be switched off for tests through the environment
 // (IOCPNATIVE_URING_DISABLE, see uring_sys.cpp) to exercise the fallbacks on a new kernel.
 struct Features {
@@ -34,10 +37,11 @@ struct Features {
     bool submit_all = true;        // IORING_SETUP_SUBMIT_ALL, Linux >= 5.18
     bool multishot_accept = true;  // IORING_ACCEPT_MULTISHOT, Linux >= 5.19
     bool pbuf_ring = true;         // IORING_REGISTER_PBUF_RING, Linux >= 5.19
+    bool min_wait = true;          // IORING_FEAT_MIN_TIMEOUT (batched waits), Linux >= 6.12
 };
 
 // Reads IOCPNATIVE_URING_DISABLE ("all" or a comma list of defer_taskrun, single_issuer,
-// coop_taskrun, submit_all, multishot_accept, pbuf_ring) at each call.
+// coop_taskrun, submit_all, multishot_accept, pbuf_ring, min_wait) at each call.
 Features features_from_env();
 
 // Why io_uring cannot be used here ("" when it can): the IOCPNATIVE_DISABLE_IO_URING test hook,
@@ -87,9 +91,9 @@ class Ring {
     int do_register(unsigned opcode, const void* arg, unsigned nr_args) noexcept;
 
     uint32_t setup_flags() const noexcept { return flags_; }
-    uint32_t kernel_features() const noexcept { return features_; }
+    uint32_t kernel_features() const noexcept { return features_; }  // less what Features left out
     // IORING_FEAT_MIN_TIMEOUT (Linux >= 6.12): enter() can take a batch wait.
-    bool has_min_wait() const noexcept { return (features_ & (1u << 15)) != 0; }
+    bool has_min_wait() const noexcept { return (features_ & kFeatMinTimeout) != 0; }
     // The setup flags in words, for logs and tests ("defer_taskrun single_issuer ...").
     std::string describe_flags() const;
 
