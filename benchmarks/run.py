@@ -8,6 +8,10 @@ the Markdown file is generated from their JSON output here: nothing is typed by 
     python benchmarks/run.py [--quick] [--rounds N] [--duration S] [--peers-arg=--quiet-wait=10]
                              [--out docs/benchmarks.md] [--results DIR]
     python benchmarks/run.py --report-only --results DIR     # re-render from earlier JSON
+
+peers.py finds echoload and the peers' venv in $BENCH_HOME, by default build/shared-bench (where
+`nox -s bench` has build.sh put them): outside nox run
+`BENCH_HOME=build/shared-bench bash ../shared/bench/build.sh` first.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT.parent / "shared" / "bench"
 PEERS = BENCH / "peers.py"
 HERE = Path(__file__).resolve().parent
+# Where build.sh puts bin/ and .venv/ and where peers.py looks for them ($BENCH_HOME), unless
+# set: in our build/, never in ../shared (`nox -s bench` passes the same default).
+BENCH_HOME = ROOT / "build" / "shared-bench"
 
 # The issue's scenarios: (key, title, peers.py arguments).
 FULL = {"rounds": 3, "duration": 5, "warmup": 1, "idle": 5000, "scale_rounds": 2}
@@ -400,6 +407,10 @@ def main() -> int:
         over["scale_rounds"] = min(args.rounds, FULL["scale_rounds"])
     results = Path(args.results).resolve()
     if not args.report_only:
+        # Inherited by peers.py and through it by the peers (whose imported module lives in
+        # ../shared/bench, so its bytecode would be written there).
+        home = os.environ.setdefault("BENCH_HOME", str(BENCH_HOME))
+        os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(home) / "pycache"))
         if not PEERS.exists():
             raise SystemExit(f"{PEERS} not found: ../shared/bench is needed")
         run_all(args.quick, results, over, args.peers_arg)
