@@ -3,7 +3,7 @@
 build      sdist + wheel into dist/
 test       install the wheel from dist/ (building it if missing), run pytest and the C++ tests
 lint       ruff + clang-format check
-bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md (`-- --quick`)
+bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md + .png (`-- --quick`)
 mingw      cross-build for Windows (MinGW-w64), run the C++ tests and the wine tests under wine
 sanitize   C++ tests under ASan+UBSan (LSan on) and TSan; pytest against an ASan build of the module
 valgrind   the C++ stress test under memcheck: 0 bytes definitely/indirectly lost, 0 errors
@@ -103,7 +103,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(reuse_venv=True)
 def bench(session: nox.Session) -> None:
     """Build ../shared/bench's tools into build/shared-bench ($BENCH_HOME) and a Release wheel,
-    run benchmarks/run.py, write docs/benchmarks.md.
+    run benchmarks/run.py, write docs/benchmarks.md and docs/benchmarks.png.
 
     Long (about half an hour on 2 CPUs); `nox -s bench -- --quick` runs one short round of each.
     Not part of CI. Needs cc, liburing-dev and PyPI (uvloop) for ../shared/bench/build.sh.
@@ -125,6 +125,7 @@ def bench(session: nox.Session) -> None:
     # pyproject.toml builds the extension as Release.
     session.run("python", "-m", "build", "--wheel", "--outdir", str(out), str(ROOT))
     session.install("--force-reinstall", "--no-deps", *map(str, out.glob("iocpnative-*.whl")))
+    session.install("matplotlib")  # docs/benchmarks.png
     session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs, env=env)
 
 
