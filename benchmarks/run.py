@@ -94,8 +94,11 @@ def run_all(quick: bool, results: Path, over: dict, extra: list[str]) -> None:
         ("d_rate20000_1000x128", ["--connections", "1000", "--size", "128", "--rate", "20000"]),
         ("e_10x65536", ["--connections", "10", "--size", "65536"]),
     ]
+    # At a fixed rate also without io_uring's batched waits, to show what they save in CPU.
+    nobatch = {"iocpnative_nobatch": ours["iocpnative"] + " --batch-wait-us 0"}
     for key, a in scen:
-        run_peers(key, [*a, *common, *rounds], results, ours, extra)
+        servers = {**ours, **nobatch} if "--rate" in a else ours
+        run_peers(key, [*a, *common, *rounds], results, servers, extra)
     run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results, ours,
               extra)  # fmt: skip
     if not quick and p["idle"] != IDLE_SMALL:
@@ -303,6 +306,13 @@ def targets(f: dict, idle_n: int, idle_small: float | None = None) -> str:
     return table(["scenario", "figure", "target", "measured (iocpnative, auto backend)", ""], rows)
 
 
+NOBATCH_NOTE = (
+    "Batched waits trade latency for CPU: the default `iocpnative` row waits up to 200 µs for a "
+    "small batch of io_uring completions before answering them together; `iocpnative_nobatch` "
+    "(`--batch-wait-us 0`) answers each completion at once."
+)
+
+
 def render(results: Path, out: Path, quick: bool, command: str, report_only: bool) -> None:
     docs = {k: json.loads((results / f"{k}.json").read_text()) for k in (
         "a_50x512", "b_rate30000_50x512", "c_1000x128", "d_rate20000_1000x128", "e_10x65536",
@@ -340,6 +350,8 @@ def render(results: Path, out: Path, quick: bool, command: str, report_only: boo
             f"{c['rounds']} interleaved round(s) of {c['warmup']:g} s warm-up + "
             f"{c['duration']:g} s. ")  # fmt: skip
         bad = "" if d.get("exit_status", 0) == 0 else " **peers.py reported failed runs.**"
+        if "iocpnative_nobatch" in d["summary"]:
+            text += f"\n\n{NOBATCH_NOTE}"
         parts.append(f"### {title}\n\n{load}Command: `{d['command']}`{bad}\n\n{text}\n")
     py = json.loads((results / "pyclient.json").read_text())
     w2_note = (
