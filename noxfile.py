@@ -3,7 +3,7 @@
 build      sdist + wheel into dist/
 test       install the wheel from dist/ (building it if missing), run pytest and the C++ tests
 lint       ruff + clang-format check
-bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md (`-- --quick`)
+bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md + .png (`-- --quick`)
 mingw      cross-build for Windows (MinGW-w64), run the C++ tests and the wine tests under wine
 sanitize   C++ tests under ASan+UBSan (LSan on) and TSan; pytest against an ASan build of the module
 valgrind   the C++ stress test under memcheck: 0 bytes definitely/indirectly lost, 0 errors
@@ -102,7 +102,8 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=True)
 def bench(session: nox.Session) -> None:
-    """Build ../shared/bench and a Release wheel, run benchmarks/run.py, write docs/benchmarks.md.
+    """Build ../shared/bench's tools into build/shared-bench ($BENCH_HOME) and a Release wheel,
+    run benchmarks/run.py, write docs/benchmarks.md and docs/benchmarks.png.
 
     Long (about half an hour on 2 CPUs); `nox -s bench -- --quick` runs one short round of each.
     Not part of CI. Needs cc, liburing-dev and PyPI (uvloop) for ../shared/bench/build.sh.
@@ -110,14 +111,22 @@ def bench(session: nox.Session) -> None:
     shared = ROOT.parent / "shared" / "bench"
     if not (shared / "peers.py").exists():
         session.error(f"{shared} not found: the comparison needs ../shared/bench")
-    session.run("bash", str(shared / "build.sh"), external=True)
+    # ../shared is read-only for us, but as root build.sh and peers.py see it as writable and
+    # would put bin/ and .venv/ there: BENCH_HOME (the same default as benchmarks/run.py's)
+    # sends them into our build/. The peers' bytecode goes there too (they import a module
+    # that lives in ../shared/bench). Both reach peers.py through run.py's subprocesses.
+    home = os.environ.get("BENCH_HOME") or str(ROOT / "build" / "shared-bench")
+    pycache = os.environ.get("PYTHONPYCACHEPREFIX") or str(Path(home) / "pycache")
+    env = {"BENCH_HOME": home, "PYTHONPYCACHEPREFIX": pycache}
+    session.run("bash", str(shared / "build.sh"), env=env, external=True)
     out = ROOT / "build" / "bench-dist"
     shutil.rmtree(out, ignore_errors=True)
     session.install("build")
     # pyproject.toml builds the extension as Release.
     session.run("python", "-m", "build", "--wheel", "--outdir", str(out), str(ROOT))
     session.install("--force-reinstall", "--no-deps", *map(str, out.glob("iocpnative-*.whl")))
-    session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs)
+    session.install("matplotlib")  # docs/benchmarks.png
+    session.run("python", str(ROOT / "benchmarks" / "run.py"), *session.posargs, env=env)
 
 
 MINGW_CXX = ("x86_64-w64-mingw32-g++-posix", "x86_64-w64-mingw32-g++")
