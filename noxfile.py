@@ -90,10 +90,10 @@ def test(session: nox.Session) -> None:
 
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
-    """ruff (lint + format check) and clang-format on csrc/."""
+    """ruff (lint + format check) on the Python code and clang-format on csrc/."""
     session.install("ruff", "clang-format")
-    session.run("ruff", "check", "python", "tests", "noxfile.py")
-    session.run("ruff", "format", "--check", "python", "tests", "noxfile.py")
+    session.run("ruff", "check", "python", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "python", "tests", "benchmarks", "noxfile.py")
     sources = sorted(
         str(p) for p in (ROOT / "csrc").rglob("*") if p.suffix in {".cpp", ".hpp", ".h"}
     )
