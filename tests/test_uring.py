@@ -20,6 +20,7 @@ import time
 import pytest
 
 import iocpnative
+from conftest import wait_until
 from iocpnative import Client, Server, available_backends
 
 DISABLED_REASON = "disabled by IOCPNATIVE_DISABLE_IO_URING"
@@ -234,5 +235,25 @@ def test_batch_wait_delays_a_lone_request_by_at_most_the_window(
             assert all(d >= 0.8 * window for d in delays[1:]), delays
         else:
             assert min(delays) < 0.1 and max(delays) < 0.5 * window, delays
+    stats = srv.stats()
+    assert (stats.pool_in_use, stats.pool_allocated) == (0, 0)
+
+
+@pytest.mark.parametrize("backend", URING)
+def test_large_messages_read_without_the_ring_copy_and_small_ones_go_back(backend: str) -> None:
+    """A recv of 16 KiB or more switches the connection to recvs into an IoData of its own (no
+    copy out of the buffer ring); two small ones in a row switch it back. Visible in the pool: a
+    quiet connection in bulk mode holds its posted recv's IoData, one on the ring holds none."""
+    big = os.urandom(256 * 1024)
+    with (
+        Server(port=0, workers=1, backend=backend) as srv,
+        Client(port=srv.port, timeout=10) as cli,
+    ):
+        for _ in range(2):
+            assert cli.request(big) == big
+            wait_until(lambda: srv.stats().pool_in_use == 1, what="bulk recv posted")
+            assert cli.request(b"small") == b"small"
+            assert cli.request(b"small again") == b"small again"
+            wait_until(lambda: srv.stats().pool_in_use == 0, what="back on the ring")
     stats = srv.stats()
     assert (stats.pool_in_use, stats.pool_allocated) == (0, 0)

@@ -82,10 +82,12 @@ constexpr uint64_t kTagWake = 3;
 constexpr uint64_t kTagCancel = 4;
 constexpr uint64_t kTagMask = 7;
 
-constexpr uint32_t kRecvSel = 1u << 0;  // a provided-buffer recv is in flight
-constexpr uint32_t kIoOp = 1u << 1;     // backend_io's recv or send is in flight
-constexpr uint32_t kClosed = 1u << 2;   // close() was called: results become -ECANCELED
-constexpr uint32_t kStarved = 1u << 3;  // waits in starved_ for a provided buffer
+constexpr uint32_t kRecvSel = 1u << 0;    // a provided-buffer recv is in flight
+constexpr uint32_t kIoOp = 1u << 1;       // backend_io's recv or send is in flight
+constexpr uint32_t kClosed = 1u << 2;     // close() was called: results become -ECANCELED
+constexpr uint32_t kStarved = 1u << 3;    // waits in starved_ for a provided buffer
+constexpr uint32_t kBulk = 1u << 4;       // recvs get an IoData of their own (see kBulkRecvBytes)
+constexpr uint32_t kBulkSmall = 1u << 5;  // in bulk mode, the last recv was small
 
 constexpr unsigned kSqEntries = 256;
 constexpr unsigned kCqEntries = 4096;  // multishot accepts and bursts of completions
@@ -97,6 +99,12 @@ constexpr size_t kBufRingBudget = 2u << 20;
 constexpr size_t kBufMaxSize = 64u << 10;
 // IoData in use beyond which a recv that met -ENOBUFS waits for the ring (see the file comment).
 constexpr int64_t kOwnRecvLimit = 32;
+// A recv at least this large puts the connection in bulk mode: its next recvs read into an IoData
+// of their own, as without a buffer ring, sparing the copy out of the ring (measured with
+// peers.py on 10 connections x 64 KiB: 15.7 -> 14.4 us of server CPU per message). Two small
+// recvs in a row put it back on the ring (one is the tail of a large message). A connection that
+// goes quiet in bulk mode holds one IoData until its next messages or its close.
+constexpr int kBulkRecvBytes = 16 * 1024;
 constexpr int64_t kBatchPerRecvs = 8;
 constexpr int64_t kBatchMax = 8;
 constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
@@ -194,7 +202,7 @@ class UringPoller final : public Poller {
     }
 
     void post_recv(Connection& c) override {
-        if (!bufs_.active()) return post_recv_own(c);
+        if (!bufs_.active() || (c.backend_flags & kBulk)) return post_recv_own(c);
         io_uring_sqe* sqe = next_sqe();
         sqe->opcode = IORING_OP_RECV;
         sqe->fd = c.sock;
@@ -402,6 +410,7 @@ class UringPoller final : public Poller {
             return make_event(ev, Event::Kind::Recv, c, nullptr, res);
         }
         io.len = static_cast<uint32_t>(res);
+        note_recv_size(c, res);
         return make_event(ev, Event::Kind::Recv, c, &io, res);
     }
 
@@ -434,6 +443,7 @@ class UringPoller final : public Poller {
                 io->conn = &c;
                 io->op = Op::Recv;
                 io->len = static_cast<uint32_t>(res);
+                note_recv_size(c, res);
             }
         }
         if (has_buf) bufs_.recycle(bid);
@@ -490,6 +500,16 @@ class UringPoller final : public Poller {
     }
 
     // --- helpers --------------------------------------------------------------------------
+
+    static void note_recv_size(Connection& c, int res) {
+        if (res >= kBulkRecvBytes) {
+            c.backend_flags = (c.backend_flags | kBulk) & ~kBulkSmall;
+        } else if (c.backend_flags & kBulkSmall) {
+            c.backend_flags &= ~(kBulk | kBulkSmall);
+        } else if (c.backend_flags & kBulk) {
+            c.backend_flags |= kBulkSmall;
+        }
+    }
 
     static bool make_event(Event& ev, Event::Kind kind, Connection& c, IoData* io, int64_t result) {
         ev = Event{};
