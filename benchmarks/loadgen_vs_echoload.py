@@ -4,7 +4,8 @@
 
 Server pinned to CPU 0, client to CPU 1, a fresh server per run, the two clients alternating
 (the order flips every round). Prints msgs/s and the client's CPU per message for each run and
-the medians. Uses the installed iocpnative (run ../shared/bench/build.sh first).
+the medians. Uses the installed iocpnative (run `nox -s bench` or
+`BENCH_HOME=build/shared-bench bash ../shared/bench/build.sh` first).
 """
 
 import json
@@ -13,8 +14,9 @@ import statistics
 import subprocess
 import sys
 
+# Where `nox -s bench` has ../shared/bench/build.sh put its tools (see benchmarks/run.py).
 HOME = os.environ.get("BENCH_HOME") or os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench"
+    os.path.dirname(os.path.abspath(__file__)), "..", "build", "shared-bench"
 )
 B = os.path.join(HOME, "bin")
 C, S, D, R = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
@@ -28,47 +30,14 @@ for rnd in range(R):
             text=True,
         )
         port = int(srv.stdout.readline().split()[1])
+        # Both clients take the same flags; only the program differs.
+        args = ["--port", str(port), "--connections", str(C), "--size", str(S),
+                "--duration", D, "--warmup", "1", "--json"]  # fmt: skip
         if tool == "echoload":
-            cmd = [
-                "taskset",
-                "-c",
-                "1",
-                f"{B}/echoload",
-                "--port",
-                str(port),
-                "--connections",
-                str(C),
-                "--size",
-                str(S),
-                "--duration",
-                D,
-                "--warmup",
-                "1",
-                "--json",
-            ]
+            program = [f"{B}/echoload"]
         else:
-            cmd = [
-                "taskset",
-                "-c",
-                "1",
-                sys.executable,
-                "-m",
-                "iocpnative",
-                "bench",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--connections",
-                str(C),
-                "--size",
-                str(S),
-                "--duration",
-                D,
-                "--warmup",
-                "1",
-                "--json",
-            ]
+            program = [sys.executable, "-m", "iocpnative", "bench", "--host", "127.0.0.1"]
+        cmd = ["taskset", "-c", "1", *program, *args]
         out = (
             subprocess.run(cmd, capture_output=True, text=True, env=env)
             .stdout.strip()
