@@ -43,6 +43,16 @@ struct Event {
     IoData* io = nullptr;                // Recv (may be nullptr on error), Send
     int64_t result = 0;                  // bytes, or -errno
     socket_t accepted = kInvalidSocket;  // Accepted
+
+    // A Recv or Send completion.
+    static Event completion(Kind kind, Connection& c, IoData* io, int64_t result) {
+        Event e;
+        e.kind = kind;
+        e.conn = &c;
+        e.io = io;
+        e.result = result;
+        return e;
+    }
 };
 
 // One per worker thread. All methods but wake() are called on that worker's thread only.

@@ -35,14 +35,6 @@ bool would_block(int err) {
     return err == EAGAIN || err == EWOULDBLOCK || err == EINPROGRESS;
 }
 
-#ifdef _WIN32
-constexpr int kSendFlags = 0;
-using io_len_t = int;
-#else
-constexpr int kSendFlags = MSG_NOSIGNAL;
-using io_len_t = size_t;
-#endif  // _WIN32
-
 // One chunk per call keeps each send/recv length within int on Windows.
 constexpr size_t kMaxChunk = size_t{1} << 30;
 

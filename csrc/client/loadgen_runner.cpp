@@ -39,14 +39,6 @@ constexpr int64_t kConnectTickNs = 50 * 1000 * 1000;
 constexpr size_t kReadBuffer = 256 * 1024;
 constexpr uint64_t kNoLimit = std::numeric_limits<uint64_t>::max();
 
-#ifdef _WIN32
-constexpr int kSendFlags = 0;
-using io_len_t = int;
-#else
-constexpr int kSendFlags = MSG_NOSIGNAL;
-using io_len_t = size_t;
-#endif  // _WIN32
-
 bool would_block(int err) {
     return err == EAGAIN || err == EWOULDBLOCK;
 }

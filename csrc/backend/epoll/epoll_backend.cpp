@@ -275,12 +275,7 @@ class EpollPoller final : public Poller {
     }
 
     void push(Event::Kind kind, Connection& c, IoData* io, int64_t result) {
-        Event e;
-        e.kind = kind;
-        e.conn = &c;
-        e.io = io;
-        e.result = result;
-        ready_.push_back(e);
+        ready_.push_back(Event::completion(kind, c, io, result));
     }
 
     int take(Event* out, int max) {

@@ -207,12 +207,7 @@ class IocpPoller final : public Poller {
     }
 
     void push(Event::Kind kind, Connection& c, IoData* io, int64_t result) {
-        Event e;
-        e.kind = kind;
-        e.conn = &c;
-        e.io = io;
-        e.result = result;
-        ready_.push(e);
+        ready_.push(Event::completion(kind, c, io, result));
     }
 
     IocpBackend& backend_;

@@ -512,18 +512,12 @@ class UringPoller final : public Poller {
     }
 
     static bool make_event(Event& ev, Event::Kind kind, Connection& c, IoData* io, int64_t result) {
-        ev = Event{};
-        ev.kind = kind;
-        ev.conn = &c;
-        ev.io = io;
-        ev.result = result;
+        ev = Event::completion(kind, c, io, result);
         return true;
     }
 
     void push_ready(Event::Kind kind, Connection& c, IoData* io, int64_t result) {
-        Event e;
-        make_event(e, kind, c, io, result);
-        ready_.push_back(e);
+        ready_.push_back(Event::completion(kind, c, io, result));
     }
 
     int take_ready(Event* out, int max) {
