@@ -98,6 +98,7 @@ def test_stats_before_during_and_after_stop(make_server) -> None:
         "pool_in_use",
         "pool_allocated",
         "handler_errors",
+        "recv_buffers",
     }
     srv.start()
     with raw_connect(srv.port) as s:
@@ -110,11 +111,14 @@ def test_stats_before_during_and_after_stop(make_server) -> None:
         assert during.total_connections == 1
         assert during.bytes_received == 100
         assert during.pool_allocated >= during.pool_in_use >= 0
+        # Only io_uring registers receive buffers with the kernel (a provided buffer ring).
+        assert (during.recv_buffers > 0) == (srv.backend == "io_uring")
         srv.stop()
     after = srv.stats()
     assert all(isinstance(v, int) for v in after.as_dict().values())
     assert after.total_connections == 1
     assert after.bytes_received == after.bytes_sent == 100
+    assert after.recv_buffers == 0
     assert_drained(srv)
 
 

@@ -32,6 +32,7 @@
 
 #include "../core/connection.hpp"
 #include "../core/io_data.hpp"
+#include "../core/stats.hpp"
 #include "iocpnative/platform.hpp"
 
 namespace iocpnative {
@@ -89,6 +90,7 @@ struct PollerContext {
     socket_t listener = kInvalidSocket;  // bound and listening, non-blocking
     IoDataPool* pool = nullptr;          // this worker's pool (the shared one for IOCP)
     unsigned batch_wait_us = 0;          // ServerConfig::batch_wait_us (0: no batched waits)
+    WorkerStats* stats = nullptr;        // this worker's counters (the Poller may write its own)
 };
 
 class Backend {

@@ -18,6 +18,7 @@ py::dict stats_dict(const ServerStats& s) {
     d["pool_in_use"] = s.pool_in_use;
     d["pool_allocated"] = s.pool_allocated;
     d["handler_errors"] = s.handler_errors;
+    d["recv_buffers"] = s.recv_buffers;
     return d;
 }
 

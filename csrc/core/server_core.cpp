@@ -77,6 +77,7 @@ void ServerCore::start() {
             const size_t q = shared ? 0 : static_cast<size_t>(i);
             ctx.pool = pools_[q].get();
             ctx.batch_wait_us = static_cast<unsigned>(cfg_.batch_wait_us);
+            ctx.stats = worker_stats_.back().get();
             workers_.push_back(std::make_unique<Worker>(*this, i, backend_->make_poller(ctx),
                                                         *pools_[q], *tables_[q],
                                                         *worker_stats_.back()));
@@ -182,6 +183,7 @@ ServerStats ServerCore::stats() const {
         s.bytes_received += w->bytes_received.load(std::memory_order_relaxed);
         s.bytes_sent += w->bytes_sent.load(std::memory_order_relaxed);
         s.handler_errors += w->handler_errors.load(std::memory_order_relaxed);
+        s.recv_buffers += w->recv_buffers.load(std::memory_order_relaxed);
     }
     for (const auto& p : pools_) {
         s.pool_in_use += p->in_use();

@@ -1,14 +1,19 @@
 // The io_uring backend specifically: the probe's test hook, the setup-flag fallbacks, the echo
 // path with every optional kernel feature switched off (IOCPNATIVE_URING_DISABLE), idle
 // connections that pin no IoData with a provided buffer ring, a burst of more connections with
-// data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), and stop()
-// cancelling many connections with data in flight. Skipped (77) where io_uring is unavailable.
+// data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), the ring
+// growing when many more connections are busy, and stop() cancelling many connections with data
+// in flight. Skipped (77) where io_uring is unavailable.
 #include <stdlib.h>
+#include <sys/resource.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <memory>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -160,48 +165,127 @@ TEST_CASE(idle_connections_pin_no_iodata) {
     return testh::kPass;
 }
 
+namespace {
+
+// Connects `n` clients to `srv` and waits until the server has them all.
+std::vector<std::unique_ptr<Client>> connect_all(Server& srv, int n) {
+    std::vector<std::unique_ptr<Client>> clients;
+    for (int i = 0; i < n; ++i) {
+        clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 5.0));
+    }
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (srv.stats().active_connections < n && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    if (srv.stats().active_connections != n) throw std::runtime_error("clients not all accepted");
+    return clients;
+}
+
+// Every client sends `size` bytes at once; with read_replies, each must get its own back.
+void burst(std::vector<std::unique_ptr<Client>>& clients, size_t size, unsigned seed,
+           bool read_replies) {
+    std::vector<std::string> sent;
+    for (size_t i = 0; i < clients.size(); ++i) {
+        sent.push_back(random_bytes(size, seed + static_cast<unsigned>(i)));
+        clients[i]->send(sent.back().data(), size);
+    }
+    if (!read_replies) return;
+    for (size_t i = 0; i < clients.size(); ++i) {
+        std::string back(size, '\0');
+        size_t got = 0;
+        while (got < size) {
+            const size_t n = clients[i]->recv(&back[got], size - got);
+            if (n == 0) throw std::runtime_error("EOF before the echo");
+            got += n;
+        }
+        if (back != sent[i]) throw std::runtime_error("echo differs");
+    }
+}
+
+}  // namespace
+
 // 400 connections on one worker send at once: more recvs complete in one io_uring_enter than
 // the ring's 32 buffers, so some read into an IoData of their own and the rest wait for the
 // ring. Every byte must come back; then (second pass) stop() with such a burst unanswered.
+// 400 connections are too few to grow the ring (one buffer per 32 connections).
 TEST_CASE(burst_beyond_buffer_ring) {
     if (!uring_available()) return testh::kSkip;
-    constexpr int kConns = 400;
-    constexpr size_t kSize = 200;
     for (bool read_replies : {true, false}) {
         ServerConfig cfg = uring_config();
         cfg.workers = 1;
         Server srv(cfg);
         srv.start();
-        std::vector<std::unique_ptr<Client>> clients;
-        for (int i = 0; i < kConns; ++i) {
-            clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 5.0));
-        }
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-        while (srv.stats().active_connections < kConns &&
-               std::chrono::steady_clock::now() < deadline) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        }
-        ASSERT_EQ(srv.stats().active_connections, kConns);
-        std::vector<std::string> sent;
-        for (int i = 0; i < kConns; ++i) {
-            sent.push_back(random_bytes(kSize, static_cast<unsigned>(i)));
-            clients[static_cast<size_t>(i)]->send(sent.back().data(), kSize);
-        }
-        if (read_replies) {
-            for (int i = 0; i < kConns; ++i) {
-                std::string back(kSize, '\0');
-                size_t got = 0;
-                while (got < kSize) {
-                    const size_t n = clients[static_cast<size_t>(i)]->recv(&back[got], kSize - got);
-                    ASSERT_GT(n, 0u);
-                    got += n;
-                }
-                ASSERT_TRUE(back == sent[static_cast<size_t>(i)]);
-            }
-        }
+        ASSERT_EQ(srv.stats().recv_buffers, 32);
+        auto clients = connect_all(srv, 400);
+        burst(clients, 200, 0, read_replies);
+        ASSERT_EQ(srv.stats().recv_buffers, 32);
         srv.stop(5.0);
         expect_pool_freed(srv);
+        ASSERT_EQ(srv.stats().recv_buffers, 0);
     }
+    return testh::kPass;
+}
+
+// Echoes, except that the one-byte chunk "G" (the other chunks are 300 bytes) holds the worker
+// until release():
+// whatever arrives meanwhile is there at once when the worker next asks the kernel.
+class GateEcho final : public DataHandler {
+  public:
+    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
+        if (len == 1 && data[0] == 'G') {
+            held_.store(true);
+            while (!open_.load()) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        out.assign(data, len);
+        return true;
+    }
+    bool holding() const { return held_.load(); }
+    void release() { open_.store(true); }
+
+  private:
+    std::atomic<bool> held_{false};
+    std::atomic<bool> open_{false};
+};
+
+// 1,600 busy connections on one worker: their data arrives while the worker is held, so its
+// next io_uring_enter completes far more recvs than the ring's 32 buffers; the ring then grows
+// to one buffer per 32 connections (50), and every echo is exact, during and after.
+TEST_CASE(buffer_ring_grows_with_busy_connections) {
+    if (!uring_available()) return testh::kSkip;
+    rlimit rl{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &rl), 0);
+    if (rl.rlim_cur < 4000 && rl.rlim_max != rl.rlim_cur) {
+        rl.rlim_cur = rl.rlim_max == RLIM_INFINITY ? 4000 : std::min<rlim_t>(rl.rlim_max, 4000);
+        ::setrlimit(RLIMIT_NOFILE, &rl);  // best effort: a low limit shows as a connect error
+    }
+    ServerConfig cfg = uring_config();
+    cfg.workers = 1;
+    auto gate = std::make_shared<GateEcho>();
+    Server srv(cfg, gate);
+    srv.start();
+    auto clients = connect_all(srv, 1600);
+    ASSERT_EQ(srv.stats().recv_buffers, 32);  // idle connections grow nothing
+    Client holder("127.0.0.1", srv.port(), 5.0);
+    holder.send("G", 1);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (!gate->holding() && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    ASSERT_TRUE(gate->holding());
+    std::thread opener([&] {
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+        gate->release();
+    });
+    burst(clients, 300, 10000, true);  // sent while held, read after the release
+    opener.join();
+    ASSERT_EQ(srv.stats().recv_buffers, 1600 / 32);
+    burst(clients, 300, 20000, true);
+    char g = 0;
+    ASSERT_EQ(holder.recv(&g, 1), 1u);
+    ASSERT_EQ(g, 'G');
+    srv.stop(5.0);
+    expect_pool_freed(srv);
+    ASSERT_EQ(srv.stats().recv_buffers, 0);
     return testh::kPass;
 }
 

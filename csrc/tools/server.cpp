@@ -184,11 +184,12 @@ void print_stats(const ServerStats& st) {
     std::printf(
         "final stats: active_connections=%lld total_connections=%lld rejected_connections=%lld "
         "bytes_received=%lld bytes_sent=%lld pool_in_use=%lld pool_allocated=%lld "
-        "handler_errors=%lld\n",
+        "handler_errors=%lld recv_buffers=%lld\n",
         static_cast<long long>(st.active_connections), static_cast<long long>(st.total_connections),
         static_cast<long long>(st.rejected_connections), static_cast<long long>(st.bytes_received),
         static_cast<long long>(st.bytes_sent), static_cast<long long>(st.pool_in_use),
-        static_cast<long long>(st.pool_allocated), static_cast<long long>(st.handler_errors));
+        static_cast<long long>(st.pool_allocated), static_cast<long long>(st.handler_errors),
+        static_cast<long long>(st.recv_buffers));
     std::fflush(stdout);
 }
 

@@ -53,7 +53,10 @@ class ServerStats:
     """Counters summed over all workers at the moment they were read.
 
     After a clean ``stop()``, ``pool_in_use`` and ``pool_allocated`` are 0: every IoData and
-    its buffer went back to the pool and the pool's memory was freed.
+    its buffer went back to the pool and the pool's memory was freed. ``recv_buffers`` counts
+    the receive buffers registered with the kernel (io_uring's provided buffer rings: 32 per
+    worker at the default buffer size, more once many busy connections find them all taken;
+    0 on the other backends and after ``stop()``).
     """
 
     active_connections: int = 0
@@ -64,6 +67,7 @@ class ServerStats:
     pool_in_use: int = 0
     pool_allocated: int = 0
     handler_errors: int = 0
+    recv_buffers: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

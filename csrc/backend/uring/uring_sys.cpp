@@ -351,33 +351,35 @@ BufferRing::~BufferRing() {
     release();
 }
 
-int BufferRing::setup(Ring& ring, uint16_t group, unsigned count, unsigned size) {
+int BufferRing::setup(Ring& ring, uint16_t group, unsigned count, unsigned capacity,
+                      unsigned size) {
     const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
-    array_bytes_ = (count * sizeof(io_uring_buf) + page - 1) / page * page;
+    array_bytes_ = (capacity * sizeof(io_uring_buf) + page - 1) / page * page;
     void* mem =
         ::mmap(nullptr, array_bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) return -errno;
-    data_ = static_cast<char*>(std::malloc(static_cast<size_t>(count) * size));
+    // Large enough that malloc maps it: pages are only backed once touched.
+    data_ = static_cast<char*>(std::malloc(static_cast<size_t>(capacity) * size));
     if (data_ == nullptr) {
         ::munmap(mem, array_bytes_);
         return -ENOMEM;
     }
     array_ = mem;
-    count_ = count;
+    count_ = 0;
+    capacity_ = capacity;
     size_ = size;
     group_ = group;
     io_uring_buf_reg reg{};
     reg.ring_addr = reinterpret_cast<uint64_t>(array_);
-    reg.ring_entries = count;
+    reg.ring_entries = capacity;
     reg.bgid = group;
     const int rc = ring.do_register(IORING_REGISTER_PBUF_RING, &reg, 1);
     if (rc < 0) {
         release();
         return rc;
     }
-    for (unsigned bid = 0; bid < count; ++bid) add(bid, bid);
-    tail_ = static_cast<uint16_t>(count);
-    store_release(tail_word(), tail_);
+    tail_ = 0;
+    grow(count);
     return 0;
 }
 
@@ -394,7 +396,7 @@ uint16_t* BufferRing::tail_word() const noexcept {
 
 void BufferRing::add(unsigned bid, unsigned slot) noexcept {
     // Field by field: entry 0's `resv` shares its bytes with the ring's tail.
-    io_uring_buf& b = entries()[slot & (count_ - 1)];
+    io_uring_buf& b = entries()[slot & (capacity_ - 1)];
     b.addr = reinterpret_cast<uint64_t>(buffer(bid));
     b.len = size_;
     b.bid = static_cast<uint16_t>(bid);
@@ -404,6 +406,15 @@ void BufferRing::recycle(unsigned bid) noexcept {
     add(bid, tail_);
     ++tail_;
     // Release: the entry is complete before the kernel, loading the tail with acquire, uses it.
+    store_release(tail_word(), tail_);
+}
+
+void BufferRing::grow(unsigned n) noexcept {
+    n = std::min(n, capacity_);
+    if (n <= count_) return;
+    // Every buffer is in the ring or in our hands, so n <= capacity_ entries always fit.
+    for (unsigned bid = count_; bid < n; ++bid) add(bid, tail_++);
+    count_ = n;
     store_release(tail_word(), tail_);
 }
 

@@ -129,7 +129,9 @@ class Ring {
 // A provided buffer ring (IORING_REGISTER_PBUF_RING, Linux >= 5.19): `count` buffers of `size`
 // bytes that the kernel picks from when a recv with IOSQE_BUFFER_SELECT finds data, so a recv
 // waiting on an idle connection holds no memory. The ring array is page aligned (mmap), as the
-// kernel requires; the buffers are one block after it.
+// kernel requires; the buffers are one block after it. The ring has room for `capacity` buffers
+// and grow() adds more up to that; the block is reserved for all of them at setup, but a buffer
+// costs memory (its touched pages) only once the kernel has received into it.
 class BufferRing {
   public:
     BufferRing() = default;
@@ -138,14 +140,18 @@ class BufferRing {
     BufferRing& operator=(const BufferRing&) = delete;
 
     // Registers with `ring` as group `group`; returns 0 or -errno (-EINVAL on kernels < 5.19).
-    int setup(Ring& ring, uint16_t group, unsigned count, unsigned size);
+    // `capacity` is a power of two >= `count`.
+    int setup(Ring& ring, uint16_t group, unsigned count, unsigned capacity, unsigned size);
     bool active() const noexcept { return array_ != nullptr; }
     uint16_t group() const noexcept { return group_; }
     unsigned size() const noexcept { return size_; }
     unsigned count() const noexcept { return count_; }
+    unsigned capacity() const noexcept { return capacity_; }
     char* buffer(unsigned bid) const noexcept { return data_ + static_cast<size_t>(bid) * size_; }
     // Gives buffer `bid` back to the kernel.
     void recycle(unsigned bid) noexcept;
+    // Hands buffers count() .. n-1 to the kernel as well (n <= capacity()).
+    void grow(unsigned n) noexcept;
     // Frees the memory. Only call once the ring is closed or nothing can select a buffer.
     void release() noexcept;
 
@@ -157,7 +163,8 @@ class BufferRing {
     void* array_ = nullptr;
     size_t array_bytes_ = 0;
     char* data_ = nullptr;
-    unsigned count_ = 0;
+    unsigned count_ = 0;     // buffers handed to the kernel so far
+    unsigned capacity_ = 0;  // ring entries: the most count_ may grow to
     unsigned size_ = 0;
     uint16_t group_ = 0;
     uint16_t tail_ = 0;  // our tail; published with release (see the file comment)

@@ -43,6 +43,9 @@ struct ServerStats {
     int64_t pool_in_use = 0;     // IoData handed out and not yet returned
     int64_t pool_allocated = 0;  // IoData blocks allocated (in use + cached free)
     int64_t handler_errors = 0;
+    // Receive buffers registered with the kernel (io_uring's provided buffer rings; 0 on the
+    // other backends and after stop()). Grows with the number of busy connections.
+    int64_t recv_buffers = 0;
 };
 
 // Throws std::invalid_argument naming the bad field and what is allowed.
