@@ -15,7 +15,11 @@
 //    negative result (-ECANCELED or the OS's error), each exactly once; a send the kernel had
 //    already finished when close() came may report its real byte count instead (io_uring, IOCP).
 //    The core frees the Connection after the last of those; the backend must not touch it
-//    afterwards.
+//    afterwards. A backend with a kernel operation of its own on the connection (io_uring's
+//    multishot recv, which stays armed while the core's send runs) sets backend_holds in
+//    close() and, once that operation has ended, reports a Released event (the core then clears
+//    the flag) or, when the core's recv was waiting on it, clears the flag itself and reports
+//    that recv's completion.
 //  * Accepted events carry a new connected socket; the core decides to keep it (attach) or not.
 //  * wake() may be called from any thread; it makes a blocked wait() return soon (one wake-up
 //    per worker is enough: stop() sends exactly one to each).
@@ -38,7 +42,7 @@
 namespace iocpnative {
 
 struct Event {
-    enum class Kind : uint8_t { Accepted, Recv, Send };
+    enum class Kind : uint8_t { Accepted, Recv, Send, Released };
     Kind kind = Kind::Recv;
     Connection* conn = nullptr;          // Recv, Send
     IoData* io = nullptr;                // Recv (may be nullptr on error), Send
@@ -52,6 +56,15 @@ struct Event {
         e.conn = &c;
         e.io = io;
         e.result = result;
+        return e;
+    }
+
+    // The backend let go of a closed connection it held (Connection::backend_holds); the core
+    // clears the flag and frees the connection if nothing else is in flight.
+    static Event released(Connection& c) {
+        Event e;
+        e.kind = Kind::Released;
+        e.conn = &c;
         return e;
     }
 };

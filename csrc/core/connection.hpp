@@ -3,10 +3,13 @@
 // Invariant of the state machine (the seed's read -> write -> read rhythm): at most one Recv or
 // Send is in flight per connection, so a connection's events are handled by one thread at a
 // time even when completions may arrive on any worker (IOCP). That rhythm is also the
-// backpressure: while a write waits for a slow reader, nothing more is read from that peer.
+// backpressure: while a write waits for a slow reader, nothing more is read from that peer
+// (io_uring's multishot recv, armed across the write, reads ahead at most about one buffer before
+// the backend cancels it).
 //
-// A Connection is freed only when it is closing and `ops_in_flight` is 0, i.e. after the
-// completion of every operation posted for it has been handled (the cancellation ones included).
+// A Connection is freed only when it is closing, `ops_in_flight` is 0 and the backend does not
+// hold it, i.e. after the completion of every operation posted for it has been handled (the
+// cancellation ones included).
 #pragma once
 
 #include <atomic>
@@ -32,9 +35,16 @@ struct Connection {
     std::atomic<bool> close_requested{false};
     // Written by the thread handling the connection, read by the idle scan on another worker.
     std::atomic<int64_t> last_active_ms{0};
-    // Backend-private per-connection state (epoll: readiness and the waiting operation).
+    // Backend-private per-connection state (epoll: readiness and the waiting operation; io_uring:
+    // also data and an end received by a multishot recv before the core asked for it).
     uint32_t backend_flags = 0;
     IoData* backend_io = nullptr;
+    IoData* backend_stash = nullptr;
+    int32_t backend_end = 0;
+    // Set by a backend whose kernel operation of its own (io_uring's multishot recv) still
+    // refers to the connection after close(): the core frees it only once the flag is clear
+    // again (see Event::Kind::Released in backend.hpp).
+    bool backend_holds = false;
     // A handler's reply larger than one IoData: sent from pending_off on, one IoData at a time
     // (an offset rather than erasing the sent prefix, which would be quadratic in the size).
     std::unique_ptr<std::string> pending_out;

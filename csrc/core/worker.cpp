@@ -119,6 +119,10 @@ void Worker::dispatch(const Event& ev) {
         case Event::Kind::Send:
             on_send(*ev.conn, *ev.io, ev.result);
             break;
+        case Event::Kind::Released:
+            ev.conn->backend_holds = false;
+            op_done_check(*ev.conn);
+            break;
     }
 }
 
@@ -277,7 +281,7 @@ void Worker::op_done(Connection& c) {
 }
 
 void Worker::op_done_check(Connection& c) {
-    if (!c.closing || c.ops_in_flight != 0) return;
+    if (!c.closing || c.ops_in_flight != 0 || c.backend_holds) return;
     if (core_.config().verbose) {
         std::fprintf(stderr, "iocpnative: connection %llu closed\n",
                      static_cast<unsigned long long>(c.id));

@@ -4,8 +4,14 @@
 // data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), the ring
 // growing when many more connections are busy, and stop() cancelling many connections with data
 // in flight. Skipped (77) where io_uring is unavailable.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -128,7 +134,7 @@ TEST_CASE(setup_flags_fall_back) {
 
 TEST_CASE(echo_with_each_feature_off) {
     if (!uring_available()) return testh::kSkip;
-    for (const char* off : {"", "pbuf_ring", "multishot_accept", "defer_taskrun",
+    for (const char* off : {"", "pbuf_ring", "multishot_recv", "multishot_accept", "defer_taskrun",
                             "defer_taskrun,single_issuer", "all"}) {
         std::printf("  IOCPNATIVE_URING_DISABLE=%s\n", off);
         DisableFeatures guard(off);
@@ -286,6 +292,92 @@ TEST_CASE(buffer_ring_grows_with_busy_connections) {
     srv.stop(5.0);
     expect_pool_freed(srv);
     ASSERT_EQ(srv.stats().recv_buffers, 0);
+    return testh::kPass;
+}
+
+namespace {
+
+// A blocking TCP connection to 127.0.0.1:port. (Not with small socket buffers: on loopback,
+// whose MSS is about 64 KiB, a receive buffer that small can stay shut for seconds.)
+int connect_raw(int port) {
+    const int s = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (s < 0 || ::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+        throw std::runtime_error("connect failed");
+    }
+    return s;
+}
+
+}  // namespace
+
+// Clients that pipeline 1000-byte messages and read nothing back until the server can send no
+// more: while the replies wait, the server reads ahead at most one buffer per connection (the
+// multishot recv's byte limit, or one recv at a time), so pool_in_use stays <= 2 per connection
+// (the blocked reply and the read-ahead). Then every byte comes back in order.
+TEST_CASE(pipelined_clients_read_ahead_at_most_one_buffer) {
+    if (!uring_available()) return testh::kSkip;
+    constexpr int kConns = 8;
+    constexpr size_t kChunk = 1000;
+    for (const char* off : {"", "multishot_recv"}) {
+        std::printf("  IOCPNATIVE_URING_DISABLE=%s\n", off);
+        DisableFeatures guard(off);
+        ServerConfig cfg = uring_config();
+        cfg.workers = 1;
+        Server srv(cfg);
+        srv.start();
+        std::vector<int> socks;
+        std::vector<std::string> sent(kConns);
+        for (int i = 0; i < kConns; ++i) {
+            socks.push_back(connect_raw(srv.port()));
+            ASSERT_EQ(::fcntl(socks.back(), F_SETFL, O_NONBLOCK), 0);
+        }
+        // Round robin, one chunk per socket per round, until no socket took any for 100 ms.
+        const std::string pattern = random_bytes(1u << 16, 5);
+        auto idle_since = std::chrono::steady_clock::now();
+        while (std::chrono::steady_clock::now() - idle_since < std::chrono::milliseconds(100)) {
+            bool progress = false;
+            for (int i = 0; i < kConns; ++i) {
+                std::string& out = sent[static_cast<size_t>(i)];
+                const size_t at =
+                    (out.size() + static_cast<size_t>(i) * 977) % (pattern.size() - kChunk);
+                const ssize_t n = ::send(socks[static_cast<size_t>(i)], pattern.data() + at, kChunk,
+                                         MSG_NOSIGNAL);
+                if (n > 0) {
+                    out.append(pattern.data() + at, static_cast<size_t>(n));
+                    progress = true;
+                }
+            }
+            if (progress) {
+                idle_since = std::chrono::steady_clock::now();
+            } else {
+                std::this_thread::sleep_for(std::chrono::milliseconds(2));
+            }
+        }
+        for (const auto& out : sent) ASSERT_GT(out.size(), size_t{1} << 20);  // replies are stuck
+        const ServerStats during = srv.stats();
+        ASSERT_EQ(during.active_connections, kConns);
+        ASSERT_LE(during.pool_in_use, 2 * kConns);
+        for (int i = 0; i < kConns; ++i) {
+            const int s = socks[static_cast<size_t>(i)];
+            const std::string& want = sent[static_cast<size_t>(i)];
+            std::string got;
+            std::vector<char> buf(1u << 16);
+            while (got.size() < want.size()) {
+                pollfd p{s, POLLIN, 0};
+                ASSERT_EQ(::poll(&p, 1, 5000), 1);
+                const ssize_t n = ::recv(s, buf.data(), buf.size(), 0);
+                ASSERT_GT(n, 0);
+                got.append(buf.data(), static_cast<size_t>(n));
+            }
+            ASSERT_TRUE(got == want);
+        }
+        for (int s : socks) ::close(s);
+        srv.stop(5.0);
+        expect_pool_freed(srv);
+    }
     return testh::kPass;
 }
 

@@ -9,10 +9,24 @@
 // user_data, low 3 bits a tag (IoData and Connection are at least 8-byte aligned):
 //   kTagIo       IoData*     recv into the IoData's own buffer, or send (io->op says which)
 //   kTagRecvSel  Connection* recv that picks a buffer from the worker's provided buffer ring
+//   kTagRecvMulti Connection* multishot recv picking buffers from the ring (see below)
 //   kTagAccept / kTagWake / kTagCancel   the accept, the wake-up read, a cancellation
-// Per connection (Connection::backend_flags), at most one operation is in flight, as the core's
-// read -> write -> read rhythm guarantees: kRecvSel, or kIoOp with backend_io naming the IoData.
-// That one user_data is the key close() cancels by.
+// Per connection (Connection::backend_flags), the core's read -> write -> read rhythm puts at
+// most one of its operations in flight: kRecvSel, or kIoOp with backend_io naming the IoData;
+// its user_data is the key close() cancels by. Beside it may run the connection's multishot
+// recv (kMulti), which close() cancels as well.
+//
+// Multishot recv (Linux 6.18 here: it needs the recv's total byte limit, sqe->optlen; a kernel
+// that refuses it gets one recv at a time): one recv stays armed across the core's send, so a
+// message costs no new SQE and no new poll. Its data goes to the core's waiting recv (kWant) or,
+// when it comes while the core is still busy with the connection (the peer answered before we
+// handled our send's completion, or it pipelines), into the connection's stash, which the core's
+// next recv takes first, in order. The byte limit (one buffer) bounds that read-ahead: the recv
+// then ends and is armed again only by a recv of the core's with the stash empty, so a peer
+// whose replies back up costs at most the blocked reply and one stashed buffer. close() cancels
+// it and sets Connection::backend_holds until its last CQE (then Event::Kind::Released).
+// Measured side by side (native server, 3-5 runs): server CPU per message -2 % at 30,000/s on
+// 50 x 512 B, -5 % at 20,000/s on 1000 x 128 B, -4 % saturated on 50 x 512 B.
 //
 // Idle memory: with a provided buffer ring a recv waiting on a quiet connection holds no buffer;
 // the kernel picks one only when data is there. The bytes are then copied into an IoData from
@@ -82,14 +96,19 @@ constexpr uint64_t kTagRecvSel = 1;
 constexpr uint64_t kTagAccept = 2;
 constexpr uint64_t kTagWake = 3;
 constexpr uint64_t kTagCancel = 4;
+constexpr uint64_t kTagRecvMulti = 5;
 constexpr uint64_t kTagMask = 7;
 
-constexpr uint32_t kRecvSel = 1u << 0;    // a provided-buffer recv is in flight
-constexpr uint32_t kIoOp = 1u << 1;       // backend_io's recv or send is in flight
-constexpr uint32_t kClosed = 1u << 2;     // close() was called: results become -ECANCELED
-constexpr uint32_t kStarved = 1u << 3;    // waits in starved_ for a provided buffer
-constexpr uint32_t kBulk = 1u << 4;       // recvs get an IoData of their own (see kBulkRecvBytes)
-constexpr uint32_t kBulkSmall = 1u << 5;  // in bulk mode, the last recv was small
+constexpr uint32_t kRecvSel = 1u << 0;      // a provided-buffer recv is in flight
+constexpr uint32_t kIoOp = 1u << 1;         // backend_io's recv or send is in flight
+constexpr uint32_t kClosed = 1u << 2;       // close() was called: results become -ECANCELED
+constexpr uint32_t kStarved = 1u << 3;      // waits in starved_ for a provided buffer
+constexpr uint32_t kBulk = 1u << 4;         // recvs get an IoData of their own (see kBulkRecvBytes)
+constexpr uint32_t kBulkSmall = 1u << 5;    // in bulk mode, the last recv was small
+constexpr uint32_t kMulti = 1u << 6;        // a multishot recv is armed (kTagRecvMulti)
+constexpr uint32_t kMultiCancel = 1u << 7;  // ... and its cancellation is queued
+constexpr uint32_t kWant = 1u << 8;         // the core's recv waits for the multishot's next CQE
+constexpr uint32_t kHasEnd = 1u << 9;       // backend_end: EOF/error for the core's next recv
 
 constexpr unsigned kSqEntries = 256;
 constexpr unsigned kCqEntries = 4096;  // multishot accepts and bursts of completions
@@ -157,6 +176,7 @@ class UringPoller final : public Poller {
         }
         publish_buffer_count();
         multishot_ = feat_.multishot_accept;
+        multishot_recv_ = feat_.multishot_recv && bufs_.active();
         arm_wake();
         arm_accept();
     }
@@ -217,7 +237,22 @@ class UringPoller final : public Poller {
     }
 
     void post_recv(Connection& c) override {
+        // What a multishot recv brought while the core was busy with c comes first, in order.
+        if (IoData* io = c.backend_stash) {
+            c.backend_stash = io->next_free;
+            io->next_free = nullptr;
+            return push_ready(Event::Kind::Recv, c, io, io->len);
+        }
+        if (c.backend_flags & kHasEnd) {
+            c.backend_flags &= ~kHasEnd;
+            return push_ready(Event::Kind::Recv, c, nullptr, c.backend_end);
+        }
+        if (c.backend_flags & kMulti) return want(c);  // armed or being cancelled: its CQE answers
         if (!bufs_.active() || (c.backend_flags & kBulk)) return post_recv_own(c);
+        if (multishot_recv_) {
+            arm_multi(c);
+            return want(c);
+        }
         io_uring_sqe* sqe = next_sqe();
         sqe->opcode = IORING_OP_RECV;
         sqe->fd = c.sock;
@@ -254,6 +289,18 @@ class UringPoller final : public Poller {
         } else if (c.backend_flags & kIoOp) {
             queue_cancel(tagged(c.backend_io, kTagIo));
         }
+        // A multishot recv (armed beside a send, or answering the core's recv) refers to c until
+        // its last CQE: c stays allocated until then (on_recv_multi reports the release).
+        if (c.backend_flags & kMulti) {
+            cancel_multi(c);
+            c.backend_holds = true;
+        }
+        while (IoData* io = c.backend_stash) {
+            c.backend_stash = io->next_free;
+            io->next_free = nullptr;
+            pool_.release(io);
+        }
+        c.backend_flags &= ~kHasEnd;
         c.backend_flags |= kClosed;
         --conns_;
         to_close_.push_back(c.sock);  // closed once the SQEs naming it are submitted
@@ -351,6 +398,14 @@ class UringPoller final : public Poller {
         if (stats_ != nullptr) stats_->recv_buffers.store(bufs_.count(), std::memory_order_relaxed);
     }
 
+    // Data arrived while every provided buffer was taken: read it into an IoData of its own, or,
+    // with many in use already, wait for the buffers this batch gives back.
+    void recv_without_buffer(Connection& c) {
+        if (pool_.in_use() < kOwnRecvLimit) return post_recv_own(c);
+        c.backend_flags |= kStarved;
+        starved_.push_back(&c);
+    }
+
     void post_recv_own(Connection& c) {
         IoData* io = pool_.acquire();
         if (io == nullptr) return push_ready(Event::Kind::Recv, c, nullptr, -ENOMEM);
@@ -412,6 +467,9 @@ class UringPoller final : public Poller {
             case kTagRecvSel:
                 return on_recv_selected(*reinterpret_cast<Connection*>(ud & ~kTagMask), cqe.res,
                                         cqe.flags, ev);
+            case kTagRecvMulti:
+                return on_recv_multi(*reinterpret_cast<Connection*>(ud & ~kTagMask), cqe.res,
+                                     cqe.flags, ev);
             case kTagAccept:
                 return on_accept(cqe.res, cqe.flags, ev);
             case kTagWake:
@@ -453,14 +511,7 @@ class UringPoller final : public Poller {
         const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
         if (res == -ENOBUFS) ++enobufs_;
         if (res == -ENOBUFS && !closed) {
-            // Data arrived while every provided buffer was taken: read it into an IoData of its
-            // own, or, with many in use already, wait for the buffers this batch gives back.
-            if (pool_.in_use() < kOwnRecvLimit) {
-                post_recv_own(c);
-            } else {
-                c.backend_flags |= kStarved;
-                starved_.push_back(&c);
-            }
+            recv_without_buffer(c);
             return false;
         }
         if (closed && res >= 0) res = -ECANCELED;
@@ -480,6 +531,141 @@ class UringPoller final : public Poller {
         }
         if (has_buf) bufs_.recycle(bid);
         return make_event(ev, Event::Kind::Recv, c, io, res);
+    }
+
+    // A multishot recv's CQE. Data goes to the core's waiting recv (kWant), else to the stash
+    // that post_recv() hands out first; an end (EOF, error) likewise. It ends without being the
+    // connection's end after our own cancellation (read-ahead bound, bulk mode), -ENOBUFS, or
+    // -EINVAL from a kernel without multishot recv: a waiting recv is then posted anew.
+    bool on_recv_multi(Connection& c, int res, uint32_t flags, Event& ev) {
+        const bool more = (flags & IORING_CQE_F_MORE) != 0;
+        const bool has_buf = (flags & IORING_CQE_F_BUFFER) != 0;
+        const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        if (more) multi_seen_ = true;
+        if (!more) c.backend_flags &= ~(kMulti | kMultiCancel);
+        const bool closed = (c.backend_flags & kClosed) != 0;
+        const bool waiting = (c.backend_flags & kWant) != 0;
+        if (res > 0 && !has_buf) res = -EIO;  // the kernel broke its own contract
+        IoData* io = nullptr;
+        if (res > 0 && !closed) {
+            io = take_data(c, bid, res, waiting);
+            if (io == nullptr && waiting) res = -ENOMEM;
+        }
+        if (has_buf) bufs_.recycle(bid);
+        if (closed) {
+            if (more) return false;  // the cancellation's last CQE is still to come
+            // The core clears backend_holds when it handles Released: a Send completion of c
+            // earlier in this batch must not free c before then.
+            if (!waiting) {
+                ev = Event::released(c);
+                return true;
+            }
+            // The core's recv was waiting on it: nothing else of c is in flight.
+            c.backend_holds = false;
+            unwant(c);
+            return make_event(ev, Event::Kind::Recv, c, nullptr, -ECANCELED);
+        }
+        if (res > 0) {
+            if (!waiting) return false;  // stashed by take_data()
+            unwant(c);
+            return make_event(ev, Event::Kind::Recv, c, io, res);
+        }
+        // Linux < 6.0 refuses a multishot recv (-EINVAL) before any has worked: one at a time then.
+        if (res == -EINVAL && !multi_seen_) multishot_recv_ = false;
+        if (res == -ENOBUFS) ++enobufs_;
+        if (res == -ECANCELED || res == -ENOBUFS || (res == -EINVAL && !multi_seen_)) {
+            if (!waiting) return false;  // the core's next post_recv() arms a new one
+            unwant(c);
+            if (res == -ENOBUFS) {
+                recv_without_buffer(c);
+            } else {
+                post_recv(c);
+            }
+            return false;
+        }
+        // EOF or the connection's error (or -ENOMEM: no IoData for the data).
+        if (!waiting) {
+            c.backend_end = res;
+            c.backend_flags |= kHasEnd;
+            cancel_multi(c);
+            return false;
+        }
+        unwant(c);
+        return make_event(ev, Event::Kind::Recv, c, nullptr, res);
+    }
+
+    // Copies a multishot recv's `n` bytes out of ring buffer `bid`: into a fresh IoData for the
+    // waiting recv, else onto the end of the stash (filling its last IoData first). Returns the
+    // IoData, or nullptr when the pool has no memory (a stash then ends with -ENOMEM).
+    IoData* take_data(Connection& c, unsigned bid, int n, bool waiting) {
+        const char* src = bufs_.buffer(bid);
+        auto len = static_cast<uint32_t>(n);
+        note_recv_size(c, n);
+        if (c.backend_flags & kBulk) cancel_multi(c);  // bulk mode reads into its own IoData
+        IoData* tail = nullptr;
+        if (!waiting) {
+            for (IoData* p = c.backend_stash; p != nullptr; p = p->next_free) tail = p;
+            if (tail != nullptr) {
+                const uint32_t fit = std::min(len, tail->capacity - tail->len);
+                std::memcpy(tail->data() + tail->len, src, fit);
+                tail->len += fit;
+                src += fit;
+                len -= fit;
+                if (len == 0) return tail;
+            }
+        }
+        IoData* io = pool_.acquire();
+        if (io == nullptr) {
+            if (!waiting) {
+                c.backend_end = -ENOMEM;
+                c.backend_flags |= kHasEnd;
+                cancel_multi(c);
+            }
+            return nullptr;
+        }
+        std::memcpy(io->data(), src, len);
+        io->conn = &c;
+        io->op = Op::Recv;
+        io->len = len;
+        if (waiting) return io;
+        if (tail != nullptr) {
+            tail->next_free = io;
+        } else {
+            c.backend_stash = io;
+        }
+        return io;
+    }
+
+    void arm_multi(Connection& c) {
+        io_uring_sqe* sqe = next_sqe();
+        sqe->opcode = IORING_OP_RECV;
+        sqe->fd = c.sock;
+        sqe->len = 0;  // each CQE brings at most one buffer
+        // Read-ahead bound: the recv ends after one buffer's worth of bytes (sqe->optlen, which
+        // shares file_index's place; Linux 6.18; older kernels refuse it with -EINVAL and the
+        // connection falls back to one recv at a time). The core's next recv arms it again.
+        sqe->file_index = bufs_.size();
+        sqe->flags = IOSQE_BUFFER_SELECT;
+        sqe->buf_group = bufs_.group();
+        sqe->ioprio = uring::kRecvMultishot | IORING_RECVSEND_POLL_FIRST;
+        sqe->user_data = tagged(&c, kTagRecvMulti);
+        c.backend_flags |= kMulti;
+    }
+
+    void cancel_multi(Connection& c) {
+        if (!(c.backend_flags & kMulti) || (c.backend_flags & kMultiCancel)) return;
+        c.backend_flags |= kMultiCancel;
+        queue_cancel(tagged(&c, kTagRecvMulti));
+    }
+
+    void want(Connection& c) {
+        c.backend_flags |= kWant;
+        ++recvs_inflight_;
+    }
+
+    void unwant(Connection& c) {
+        c.backend_flags &= ~kWant;
+        --recvs_inflight_;
     }
 
     bool on_accept(int res, uint32_t flags, Event& ev) {
@@ -591,6 +777,8 @@ class UringPoller final : public Poller {
     int wake_fd_ = -1;
     uint64_t wake_buf_ = 0;
     bool multishot_ = true;
+    bool multishot_recv_ = true;
+    bool multi_seen_ = false;  // a multishot recv has produced a CQE with IORING_CQE_F_MORE
     bool stopping_ = false;
     bool accept_inflight_ = false;
     bool wake_inflight_ = false;

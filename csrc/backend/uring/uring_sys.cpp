@@ -137,6 +137,7 @@ Features features_from_env() {
     f.submit_all = !off("submit_all");
     f.multishot_accept = !off("multishot_accept");
     f.pbuf_ring = !off("pbuf_ring");
+    f.multishot_recv = !off("multishot_recv");
     f.min_wait = !off("min_wait");
     return f;
 }

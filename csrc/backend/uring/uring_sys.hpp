@@ -25,8 +25,10 @@
 namespace iocpnative {
 namespace uring {
 
-// IORING_FEAT_MIN_TIMEOUT (Linux 6.12), spelled out: older headers lack it.
+// IORING_FEAT_MIN_TIMEOUT (Linux 6.12) and IORING_RECV_MULTISHOT (6.0), spelled out: older
+// headers lack them.
 constexpr uint32_t kFeatMinTimeout = 1u << 15;
+constexpr uint16_t kRecvMultishot = 1u << 1;
 
 // Optional features, best first; each can be switched off for tests through the environment
 // (IOCPNATIVE_URING_DISABLE, see uring_sys.cpp) to exercise the fallbacks on a new kernel.
@@ -37,11 +39,12 @@ struct Features {
     bool submit_all = true;        // IORING_SETUP_SUBMIT_ALL, Linux >= 5.18
     bool multishot_accept = true;  // IORING_ACCEPT_MULTISHOT, Linux >= 5.19
     bool pbuf_ring = true;         // IORING_REGISTER_PBUF_RING, Linux >= 5.19
+    bool multishot_recv = true;    // IORING_RECV_MULTISHOT (with pbuf_ring), Linux >= 6.0
     bool min_wait = true;          // IORING_FEAT_MIN_TIMEOUT (batched waits), Linux >= 6.12
 };
 
 // Reads IOCPNATIVE_URING_DISABLE ("all" or a comma list of defer_taskrun, single_issuer,
-// coop_taskrun, submit_all, multishot_accept, pbuf_ring, min_wait) at each call.
+// coop_taskrun, submit_all, multishot_accept, pbuf_ring, multishot_recv, min_wait) at each call.
 Features features_from_env();
 
 // Why io_uring cannot be used here ("" when it can): the IOCPNATIVE_DISABLE_IO_URING test hook,
