@@ -16,13 +16,13 @@
 // its user_data is the key close() cancels by. Beside it may run the connection's multishot
 // recv (kMulti), which close() cancels as well.
 //
-// Multishot recv (Linux 6.18 here: it needs the recv's total byte limit, sqe->optlen; a kernel
-// that refuses it gets one recv at a time): one recv stays armed across the core's send, so a
-// message costs no new SQE and no new poll. Its data goes to the core's waiting recv (kWant) or,
-// when it comes while the core is still busy with the connection (the peer answered before we
-// handled our send's completion, or it pipelines), into the connection's stash, which the core's
-// next recv takes first, in order. The byte limit (one buffer) bounds that read-ahead: the recv
-// then ends and is armed again only by a recv of the core's with the stash empty, so a peer
+// Multishot recv (it needs the recv's total byte limit, sqe->optlen, of recent kernels: 6.18 here
+// has it; a kernel that refuses it gets one recv at a time): one recv stays armed across the core's
+// send, so a message costs no new SQE and no new poll. Its data goes to the core's waiting recv
+// (kWant) or, when it comes while the core is still busy with the connection (the peer answered
+// before we handled our send's completion, or it pipelines), into the connection's stash, which the
+// core's next recv takes first, in order. The byte limit (one buffer) bounds that read-ahead: the
+// recv then ends and is armed again only by a recv of the core's with the stash empty, so a peer
 // whose replies back up costs at most the blocked reply and one stashed buffer. close() cancels
 // it and sets Connection::backend_holds until its last CQE (then Event::Kind::Released).
 // Measured side by side (native server, 3-5 runs): server CPU per message -2 % at 30,000/s on
@@ -642,7 +642,7 @@ class UringPoller final : public Poller {
         sqe->fd = c.sock;
         sqe->len = 0;  // each CQE brings at most one buffer
         // Read-ahead bound: the recv ends after one buffer's worth of bytes (sqe->optlen, which
-        // shares file_index's place; Linux 6.18; older kernels refuse it with -EINVAL and the
+        // shares file_index's place; recent kernels only, older ones refuse it with -EINVAL and the
         // connection falls back to one recv at a time). The core's next recv arms it again.
         sqe->file_index = bufs_.size();
         sqe->flags = IOSQE_BUFFER_SELECT;
