@@ -570,7 +570,8 @@ class UringPoller final : public Poller {
             unwant(c);
             return make_event(ev, Event::Kind::Recv, c, io, res);
         }
-        // Linux < 6.0 refuses a multishot recv (-EINVAL) before any has worked: one at a time then.
+        // A kernel without multishot recv (< 6.0) or without its byte limit refuses it (-EINVAL)
+        // before any has worked: one recv at a time then.
         if (res == -EINVAL && !multi_seen_) multishot_recv_ = false;
         if (res == -ENOBUFS) ++enobufs_;
         if (res == -ECANCELED || res == -ENOBUFS || (res == -EINVAL && !multi_seen_)) {
