@@ -51,8 +51,10 @@ def _rate_bars(d: dict) -> list[tuple[str, float, float, float, bool]]:
 
 
 def _panel(ax, bars, title: str, xlabel: str, fmt: str, flag: str) -> None:
-    """Horizontal bars, best on top; whiskers min..max over the rounds; flagged bars hatched."""
-    names = [b[0] + (f" ({flag})" if b[4] else "") for b in bars]
+    """Horizontal bars, best on top; whiskers min..max over the rounds; flagged bars hatched (the
+    title says what the hatching means: the labels stay short enough not to run into the panel
+    on their left)."""
+    names = [b[0] for b in bars]
     meds = [b[1] for b in bars]
     err = [[b[1] - b[2] for b in bars], [b[3] - b[1] for b in bars]]
     colors = [OURS if b[0].startswith("iocpnative") else OTHERS for b in bars]
@@ -70,6 +72,8 @@ def _panel(ax, bars, title: str, xlabel: str, fmt: str, flag: str) -> None:
     for y, b in zip(ys, bars, strict=True):  # the median, right of its whisker
         ax.annotate(format(b[1], fmt), (b[3], y), xytext=(4, 0), textcoords="offset points",
                     va="center", fontsize=7)  # fmt: skip
+    if any(b[4] for b in bars):
+        title += f"\n(hatched: {flag})"
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(axis="x", labelsize=7)
