@@ -2,7 +2,8 @@
 // path with every optional kernel feature switched off (IOCPNATIVE_URING_DISABLE), idle
 // connections that pin no IoData with a provided buffer ring, a burst of more connections with
 // data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), the ring
-// growing when many more connections are busy, and stop() cancelling many connections with data
+// growing when many more connections are busy, batch waits (a wait for a CQE, an idle server
+// asleep), and stop() cancelling many connections with data
 // in flight. Skipped (77) where io_uring is unavailable.
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -13,10 +14,13 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <dirent.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <random>
 #include <stdexcept>
@@ -378,6 +382,85 @@ TEST_CASE(pipelined_clients_read_ahead_at_most_one_buffer) {
         srv.stop(5.0);
         expect_pool_freed(srv);
     }
+    return testh::kPass;
+}
+
+namespace {
+
+// Context switches of every thread of this process so far (Linux /proc).
+long long context_switches() {
+    long long total = 0;
+    DIR* d = ::opendir("/proc/self/task");
+    if (d == nullptr) throw std::runtime_error("cannot open /proc/self/task");
+    while (const dirent* e = ::readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        std::ifstream f(std::string("/proc/self/task/") + e->d_name + "/status");
+        std::string line;
+        while (std::getline(f, line)) {
+            if (line.find("ctxt_switches:") != std::string::npos) {
+                total += std::stoll(line.substr(line.find(':') + 1));
+            }
+        }
+    }
+    ::closedir(d);
+    return total;
+}
+
+}  // namespace
+
+// A batch wait with no timeout of its own waits for a completion: the kernel takes "no general
+// timeout" to mean that the batch window is the timeout, so without one the wait ended empty after
+// min_wait_us (ETIME, no CQE), and an idle worker with many recvs posted woke every batch window.
+TEST_CASE(batch_wait_without_timeout_waits_for_a_completion) {
+    if (!uring_available()) return testh::kSkip;
+    uring::Ring ring(8, 16, uring::Features{});
+    ring.enable();
+    if (!ring.has_min_wait()) return testh::kSkip;  // no batch waits on this kernel
+    __kernel_timespec ts{};
+    ts.tv_nsec = 150 * 1000000LL;
+    io_uring_sqe* sqe = ring.get_sqe();
+    ASSERT_TRUE(sqe != nullptr);
+    sqe->opcode = IORING_OP_TIMEOUT;  // the only completion to come, after 150 ms
+    sqe->addr = reinterpret_cast<uint64_t>(&ts);
+    sqe->len = 1;
+    sqe->user_data = 7;
+    const auto t0 = std::chrono::steady_clock::now();
+    const int rc = ring.enter(2, -1, 1000);  // batch of 2, 1 ms window, no timeout
+    const auto waited = std::chrono::steady_clock::now() - t0;
+    std::printf("  enter -> %d after %lld ms, %u CQE\n", rc,
+                static_cast<long long>(
+                    std::chrono::duration_cast<std::chrono::milliseconds>(waited).count()),
+                ring.ready());
+    ASSERT_EQ(rc, 0);
+    ASSERT_EQ(ring.ready(), 1u);
+    ASSERT_EQ(ring.cqe(0).user_data, uint64_t{7});
+    ASSERT_EQ(ring.cqe(0).res, -ETIME);  // the timeout operation's own result
+    ASSERT_TRUE(waited >= std::chrono::milliseconds(140));
+    ring.consume(1);
+    return testh::kPass;
+}
+
+// An idle server sleeps: with 100 idle connections (each served once), the process's threads
+// switch context only a few times in 300 ms. (The batch-wait bug above: about 1,200.)
+TEST_CASE(idle_server_sleeps) {
+    if (!uring_available()) return testh::kSkip;
+    ServerConfig cfg = uring_config();
+    cfg.workers = 1;
+    Server srv(cfg);
+    srv.start();
+    auto idle = connect_all(srv, 100);
+    for (auto& c : idle) {
+        char back[2];
+        c->request("hi", 2, back);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));  // last send completions
+    const long long before = context_switches();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const long long switches = context_switches() - before;
+    std::printf("  %lld context switches in 300 ms\n", switches);
+    ASSERT_TRUE(switches < 30);
+    srv.stop(5.0);
+    expect_pool_freed(srv);
     return testh::kPass;
 }
 

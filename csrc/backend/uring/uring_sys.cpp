@@ -32,6 +32,9 @@ namespace uring {
 
 namespace {
 
+// The general timeout of a batch wait when the caller asked for none (see Ring::enter).
+constexpr long long kNoTimeoutSeconds = 3600;
+
 int sys_setup(unsigned entries, io_uring_params* p) {
     return static_cast<int>(::syscall(__NR_io_uring_setup, entries, p));
 }
@@ -301,12 +304,20 @@ int Ring::enter(unsigned wait_nr, int timeout_ms, unsigned min_wait_us) {
     GetEventsArg arg{};
     arg.sigmask = 0;
     arg.sigmask_sz = _NSIG / 8;
+    const bool min_wait = wait_nr > 1 && has_min_wait() && min_wait_us > 0;
     if (wait_nr > 0 && timeout_ms >= 0) {
         ts.tv_sec = timeout_ms / 1000;
         ts.tv_nsec = static_cast<long long>(timeout_ms % 1000) * 1000000;
         arg.ts = reinterpret_cast<uint64_t>(&ts);
+    } else if (min_wait) {
+        // A batch wait needs a general timeout: without one, the kernel ends the whole wait when
+        // the batch timeout expires, CQEs or not, so an idle worker with many recvs posted woke
+        // every min_wait_us (about 4,000 empty wake-ups a second at 200 us). With one, it waits
+        // on for the first CQE. An hour is "no timeout" here; if it passes, the caller sees ETIME.
+        ts.tv_sec = kNoTimeoutSeconds;
+        arg.ts = reinterpret_cast<uint64_t>(&ts);
     }
-    if (wait_nr > 1 && has_min_wait()) arg.min_wait_usec = min_wait_us;
+    if (min_wait) arg.min_wait_usec = min_wait_us;
     const unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
     if (sys_enter(fd_, to_submit, wait_nr, flags, &arg, sizeof(arg)) >= 0) return 0;
     const int err = errno;

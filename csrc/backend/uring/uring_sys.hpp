@@ -81,7 +81,8 @@ class Ring {
     // CQEs or timeout_ms (< 0: no limit). Always asks for events, so that DEFER_TASKRUN task work
     // runs. Returns 0, or -errno for the harmless outcomes (ETIME, EINTR, EAGAIN, EBUSY); throws
     // SystemError for anything else. min_wait_us > 0 (Linux >= 6.12, see has_min_wait()) makes
-    // wait_nr a batch target: after min_wait_us the call returns once one CQE is there.
+    // wait_nr a batch target: after min_wait_us the call returns once one CQE is there (not
+    // before, also with timeout_ms < 0).
     int enter(unsigned wait_nr, int timeout_ms, unsigned min_wait_us = 0);
 
     // CQ access: ready() is how many CQEs wait; cqe(i) is the i-th of them; consume(n) hands n
