@@ -211,28 +211,29 @@ def _reply_delays(srv: Server, idle: int, rounds: int) -> list[float]:
 @pytest.mark.parametrize(
     ("batch_wait_us", "off", "waits"),
     [
-        (WINDOW_US, "", MIN_WAIT),  # batched: a lone request waits out the window, no more
+        (WINDOW_US, "", MIN_WAIT),  # batched: tried, never longer than the window, then dropped
         (0, "", False),  # turned off: answered at once
         (WINDOW_US, "min_wait", False),  # the kernel's batch timeout switched off: no batching
     ],
 )
-def test_batch_wait_delays_a_lone_request_by_at_most_the_window(
+def test_batch_wait_holds_a_lone_request_at_most_the_window_and_rarely(
     backend: str, batch_wait_us: int, off: str, waits: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Lone requests, each sent right after the previous reply, with 31 quiet connections (32
+    recvs posted, so a batch of 4 would be asked for). A batch wait can gather nothing here: the
+    next request waits for this reply. The worker tries one (it waits out the window, no longer),
+    sees it gather less than 1.25 requests, and answers at once for the next 2, 4, ... spans."""
     monkeypatch.setenv("IOCPNATIVE_URING_DISABLE", off)
     with Server(port=0, workers=1, backend=backend, batch_wait_us=batch_wait_us) as srv:
         # A handshake-completing client so active_connections counts the probe connection too.
         with Client(port=srv.port, timeout=10) as cli:
             assert cli.request(b"hello") == b"hello"
-            # 31 quiet connections + the client: 32 recvs posted, a batch of 4 is asked for.
-            delays = _reply_delays(srv, 31, 3)
+            delays = _reply_delays(srv, 31, 8)
         window = WINDOW_US / 1e6
+        held = [d for d in delays if d >= 0.8 * window]
         if waits:
-            # The window starts when the worker goes to sleep, so the first request waits out
-            # what is left of it; the next ones, sent right after a reply, wait it whole, and
-            # once: the reply's send completion reposts the recv before the worker sleeps.
             assert all(d < 1.7 * window for d in delays), delays
-            assert all(d >= 0.8 * window for d in delays[1:]), delays
+            assert 1 <= len(held) <= 3, delays
         else:
             assert min(delays) < 0.1 and max(delays) < 0.5 * window, delays
     stats = srv.stats()

@@ -3,7 +3,7 @@
 // connections that pin no IoData with a provided buffer ring, a burst of more connections with
 // data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), the ring
 // growing when many more connections are busy, batch waits (a wait for a CQE, an idle server
-// asleep), and stop() cancelling many connections with data
+// asleep, no window for a lone busy client), and stop() cancelling many connections with data
 // in flight. Skipped (77) where io_uring is unavailable.
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -459,6 +459,38 @@ TEST_CASE(idle_server_sleeps) {
     const long long switches = context_switches() - before;
     std::printf("  %lld context switches in 300 ms\n", switches);
     ASSERT_TRUE(switches < 30);
+    srv.stop(5.0);
+    expect_pool_freed(srv);
+    return testh::kPass;
+}
+
+// One busy client among idle connections: its next request cannot arrive before this reply, so
+// a batch wait gathers nothing and must not hold it for the window. With a 50 ms window, a
+// server that kept batching here answered about 20 requests a second.
+TEST_CASE(lone_busy_client_is_not_held_by_batch_waits) {
+    if (!uring_available()) return testh::kSkip;
+    ServerConfig cfg = uring_config();
+    cfg.workers = 1;
+    cfg.batch_wait_us = 50000;
+    Server srv(cfg);
+    srv.start();
+    auto idle = connect_all(srv, 40);
+    for (auto& c : idle) {
+        char back[2];
+        c->request("hi", 2, back);
+    }
+    Client busy("127.0.0.1", srv.port(), 5.0);
+    const std::string msg = random_bytes(64, 11);
+    std::string back(msg.size(), '\0');
+    int done = 0;
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(1);
+    while (std::chrono::steady_clock::now() < end) {
+        busy.request(msg.data(), msg.size(), &back[0]);
+        ASSERT_TRUE(back == msg);
+        ++done;
+    }
+    std::printf("  %d requests in 1 s with a 50 ms batch window\n", done);
+    ASSERT_TRUE(done >= 200);
     srv.stop(5.0);
     expect_pool_freed(srv);
     return testh::kPass;

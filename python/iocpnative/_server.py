@@ -152,8 +152,10 @@ class Server:
     wait this long for a small batch of completions before answering what it has, so a moderate
     message rate costs one wake-up per batch instead of one per message (in docs/benchmarks.md,
     25-40 % less server CPU per message at 20,000-30,000 msgs/s, for up to this much more
-    latency); ``0`` answers every
-    completion at once. A lone connection, or a few, never waits.
+    latency); ``0`` answers every completion at once. A lone connection, or a few, never
+    waits; nor do requests that arrive too slowly, or too much one at a time, for a window to
+    gather at least 1.25 of them (there the kernel timer of a batch wait costs more than it
+    saves).
 
     ``handler``: without it the server echoes every byte natively. With it, ``handler(data)``
     (or ``handler(conn_id, data)`` if it declares two positional parameters) is called on a
