@@ -187,8 +187,11 @@ def test_peers_that_never_read(backend: str, back_to_baseline: None) -> None:
         # Backpressure: the server holds at most one buffer per connection, i.e. it stops
         # reading from a peer whose echo cannot be written, instead of buffering without bound.
         assert st_.bytes_received - st_.bytes_sent <= hogs * buffer_size, st_
-        # Each hog's connection has exactly one send in flight, waiting for it to read.
-        assert st_.pool_in_use == hogs, st_
+        # Each hog's connection has one send in flight, waiting for it to read; on io_uring a
+        # multishot recv may also have read ahead up to one buffer (when the recv before the
+        # blocked send took less than a buffer), which waits for the send, unechoed.
+        most = 2 * hogs if backend == "io_uring" else hogs
+        assert hogs <= st_.pool_in_use <= most, st_
         # The other clients are still served while the hogs are stuck.
         for _ in range(5):
             echo_alive(srv.port)
