@@ -406,6 +406,16 @@ long long context_switches() {
     return total;
 }
 
+// `n` connections, each served one request, then left idle (a recv posted on each).
+std::vector<std::unique_ptr<Client>> connect_and_serve_once(Server& srv, int n) {
+    auto clients = connect_all(srv, n);
+    for (auto& c : clients) {
+        char back[2];
+        c->request("hi", 2, back);
+    }
+    return clients;
+}
+
 }  // namespace
 
 // A batch wait with no timeout of its own waits for a completion: the kernel takes "no general
@@ -448,11 +458,7 @@ TEST_CASE(idle_server_sleeps) {
     cfg.workers = 1;
     Server srv(cfg);
     srv.start();
-    auto idle = connect_all(srv, 100);
-    for (auto& c : idle) {
-        char back[2];
-        c->request("hi", 2, back);
-    }
+    auto idle = connect_and_serve_once(srv, 100);
     std::this_thread::sleep_for(std::chrono::milliseconds(50));  // last send completions
     const long long before = context_switches();
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
@@ -474,11 +480,7 @@ TEST_CASE(lone_busy_client_is_not_held_by_batch_waits) {
     cfg.batch_wait_us = 50000;
     Server srv(cfg);
     srv.start();
-    auto idle = connect_all(srv, 40);
-    for (auto& c : idle) {
-        char back[2];
-        c->request("hi", 2, back);
-    }
+    auto idle = connect_and_serve_once(srv, 40);
     Client busy("127.0.0.1", srv.port(), 5.0);
     const std::string msg = random_bytes(64, 11);
     std::string back(msg.size(), '\0');
