@@ -219,10 +219,11 @@ class UringPoller final : public Poller {
         if (!have || ring_.unsubmitted() > 0) {
             bool block = !have && timeout_ms != 0;
             // Without the kernel's batch timeout, waiting for more than one CQE could wait long.
-            const int64_t batch =
-                ring_.has_min_wait() && batch_wait_us_ > 0 && batch_pays()
-                    ? std::clamp<int64_t>(recvs_inflight_ / kBatchPerRecvs, 1, kBatchMax)
-                    : 1;
+            int64_t batch = 1;
+            if (ring_.has_min_wait() && batch_wait_us_ > 0) {
+                batch = std::clamp<int64_t>(recvs_inflight_ / kBatchPerRecvs, 1, kBatchMax);
+                if (batch > 1 && !batch_pays()) batch = 1;  // (a clock read: only when it matters)
+            }
             // Before a batch wait, queued sends are submitted alone: they complete during
             // submission, and the core must see those completions now, not after the wait. With
             // one recv at a time, their connections' next recvs are posted only then (a request
