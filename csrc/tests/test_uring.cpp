@@ -30,6 +30,7 @@
 
 #include "backend/backend.hpp"
 #include "backend/uring/uring_sys.hpp"
+#include "backend/uring/wait_policy.hpp"
 #include "iocpnative/client.hpp"
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
@@ -139,7 +140,7 @@ TEST_CASE(setup_flags_fall_back) {
 TEST_CASE(echo_with_each_feature_off) {
     if (!uring_available()) return testh::kSkip;
     for (const char* off : {"", "pbuf_ring", "multishot_recv", "multishot_accept", "defer_taskrun",
-                            "defer_taskrun,single_issuer", "all"}) {
+                            "defer_taskrun,single_issuer", "poll", "all"}) {
         std::printf("  IOCPNATIVE_URING_DISABLE=%s\n", off);
         DisableFeatures guard(off);
         echo_and_stop_in_flight();
@@ -495,6 +496,61 @@ TEST_CASE(lone_busy_client_is_not_held_by_batch_waits) {
     ASSERT_TRUE(done >= 200);
     srv.stop(5.0);
     expect_pool_freed(srv);
+    return testh::kPass;
+}
+
+// BatchPolicy, span by span (5 ms spans, 200 us window): on from 1.25 arrivals per window; a
+// span whose batch waits gathered less turns it off for 2 spans, the next failure for 4; a span
+// in which they paid starts the doubling over.
+TEST_CASE(batch_policy_needs_the_rate_and_the_yield) {
+    uring::BatchPolicy p;
+    ASSERT_TRUE(!p.on());
+    auto span = [&](int arrivals, int waits, int gathered_each) {
+        for (int i = 0; i < arrivals; ++i) p.arrival();
+        for (int i = 0; i < waits; ++i) p.batch_wait(gathered_each);
+        return p.end_span(5000, 200);
+    };
+    ASSERT_TRUE(!span(31, 0, 0));  // 1.24 per window
+    ASSERT_TRUE(span(32, 0, 0));   // 1.28
+    // 10 batch waits gathering 1 each: failed, off for 2 spans although the rate is high.
+    ASSERT_TRUE(!span(100, 10, 1));
+    ASSERT_TRUE(!span(100, 0, 0));
+    ASSERT_TRUE(span(100, 0, 0));
+    ASSERT_TRUE(!span(100, 10, 1));  // second failure: off for 4
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(!span(100, 0, 0));
+    ASSERT_TRUE(span(100, 0, 0));
+    // Batch waits gathering 2 each pay: on, and the next failure is back to 2 spans off.
+    ASSERT_TRUE(span(100, 10, 2));
+    ASSERT_TRUE(!span(100, 10, 1));
+    ASSERT_TRUE(!span(100, 0, 0));
+    ASSERT_TRUE(span(100, 0, 0));
+    ASSERT_TRUE(!span(0, 0, 0));  // no arrivals: off
+    return testh::kPass;
+}
+
+// SpinPolicy, span by span: off, it turns on when 20 or more blocking waits ended, at least half
+// of them within kSpinUs; on, it stays on while 9 in 10 polls found a completion; when it turns
+// off it stays off for 2, then 4 spans whatever the waits.
+TEST_CASE(spin_policy_polls_only_when_waits_are_short) {
+    uring::SpinPolicy p;
+    auto span = [&](int within, int longer) {
+        for (int i = 0; i < within; ++i) p.waited(true);
+        for (int i = 0; i < longer; ++i) p.waited(false);
+        return p.end_span();
+    };
+    ASSERT_TRUE(!p.on());
+    ASSERT_TRUE(!span(19, 0));   // too few waits to judge
+    ASSERT_TRUE(!span(9, 11));   // fewer than half short
+    ASSERT_TRUE(span(10, 10));   // half: poll
+    ASSERT_TRUE(span(90, 10));   // 9 in 10 polls found one: go on
+    ASSERT_TRUE(!span(89, 11));  // fewer: stop, and hold off for 2 spans
+    ASSERT_TRUE(!span(100, 0));
+    ASSERT_TRUE(!span(100, 0));
+    ASSERT_TRUE(span(100, 0));
+    ASSERT_TRUE(!span(0, 100));  // second failure: 4 spans
+    for (int i = 0; i < 4; ++i) ASSERT_TRUE(!span(100, 0));
+    ASSERT_TRUE(span(100, 0));
+    ASSERT_TRUE(!span(0, 0));  // a span without polls while polling: off
     return testh::kPass;
 }
 

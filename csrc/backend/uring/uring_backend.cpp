@@ -52,9 +52,17 @@
 // at once. One or a few connections (fewer than 2 * kBatchPerRecvs) never wait for a batch, so
 // a lone request is answered at once. Each batch wait arms a kernel timer, and a window that
 // gathers about one request costs more CPU than it saves (measured: 1.08-1.22x the C epoll
-// peer's CPU per message at 5,000/s on 100 connections, and +110 us p50), so batch_pays()
-// allows them only while the arrival rate fills the window with at least 1.25 requests and
-// recent batch waits did gather that many (one busy client among idle connections does not).
+// peer's CPU per message at 5,000/s on 100 connections, and +110 us p50), so BatchPolicy
+// (wait_policy.hpp) allows them only while the arrival rate fills the window with at least 1.25
+// requests and recent batch waits did gather that many (one busy client among idle connections
+// does not).
+//
+// Polling (SpinPolicy, wait_policy.hpp): when nearly every wait would end within kSpinUs (20 us),
+// i.e. the worker is saturated, it polls the ring for that long before it sleeps. Measured with
+// peers.py (3 rounds, client-bound rows, msgs/s against the same build without polling): 10 x
+// 64 KiB 1.06x (1.02x uvloop), 50 x 512 B 1.04x, 1000 x 128 B 1.04x; the fixed-rate rows do not
+// poll (server CPU per message unchanged at 30,000/s and 20,000/s). On loopback the client's CPU
+// pays for waking a sleeping server, which is why a server that keeps polling lets it go faster.
 //
 // Wake-up from other threads: a READ of an eventfd stays posted on the ring and wake() writes
 // the eventfd. IORING_OP_MSG_RING would need a ring on the waking thread (stop() runs on a
@@ -91,6 +99,7 @@
 #include "../factories.hpp"
 #include "iocpnative/errors.hpp"
 #include "uring_sys.hpp"
+#include "wait_policy.hpp"
 
 namespace iocpnative {
 
@@ -140,15 +149,7 @@ constexpr int64_t kOwnRecvLimit = 32;
 constexpr int kBulkRecvBytes = 16 * 1024;
 constexpr int64_t kBatchPerRecvs = 8;
 constexpr int64_t kBatchMax = 8;
-// A batch wait is used only where it gathers at least kBatchMinNum / kBatchMinDen arrivals
-// (see batch_pays()). Measured with peers.py at 5,000 round trips/s on 100 connections (one
-// arrival per 200 us window): batch waits cost 1.08-1.22x the C epoll peer's CPU per message and
-// +110 us p50; at 7,500/s (1.5 per window) they save 13 %, at 10,000/s (2) 39 %.
-constexpr int64_t kBatchMinNum = 5;
-constexpr int64_t kBatchMinDen = 4;
-constexpr int64_t kRateSpanUs = 5000;
-constexpr int64_t kBatchBackoffMax = 32;  // spans
-constexpr int64_t kAcceptPauseMs = 100;   // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
+constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
 
 // Power of two between 16 and 256, about kBufRingBudget bytes in all.
 unsigned buffer_ring_count(size_t size) {
@@ -218,11 +219,11 @@ class UringPoller final : public Poller {
         // nothing is queued, skip the system call altogether.
         if (!have || ring_.unsubmitted() > 0) {
             bool block = !have && timeout_ms != 0;
+            if (block) end_span_if_due();
             // Without the kernel's batch timeout, waiting for more than one CQE could wait long.
             int64_t batch = 1;
-            if (ring_.has_min_wait() && batch_wait_us_ > 0) {
+            if (ring_.has_min_wait() && batch_wait_us_ > 0 && batch_policy_.on()) {
                 batch = std::clamp<int64_t>(recvs_inflight_ / kBatchPerRecvs, 1, kBatchMax);
-                if (batch > 1 && !batch_pays()) batch = 1;  // (a clock read: only when it matters)
             }
             // Before a batch wait, queued sends are submitted alone: they complete during
             // submission, and the core must see those completions now, not after the wait. With
@@ -233,13 +234,26 @@ class UringPoller final : public Poller {
             // through the stash and an extra loop iteration: submitting the sends with the wait
             // instead measured 9.0-10.1 vs 7.9-8.5 us per message at 30,000/s on 50 connections.
             bool submitted = false;
+            if (block && feat_.poll && spin_policy_.on()) {
+                // Poll for up to kSpinUs (io_uring_enter runs the deferred task work).
+                const int64_t until = monotonic_us() + uring::kSpinUs;
+                do {
+                    ring_.enter(0, 0);
+                } while (ring_.ready() == 0 && monotonic_us() < until);
+                submitted = true;
+                block = ring_.ready() == 0;
+                spin_policy_.waited(!block);
+            }
             if (block && batch > 1 && sends_queued_ && ring_.unsubmitted() > 0) {
                 ring_.enter(0, 0);
                 submitted = true;
                 block = ring_.ready() == 0;
             }
             if (block || !submitted) {
+                const bool timed = block && feat_.poll && !spin_policy_.on();
+                const int64_t t0 = timed ? monotonic_us() : 0;
                 ring_.enter(block ? static_cast<unsigned>(batch) : 0, timeout_ms, batch_wait_us_);
+                if (timed) spin_policy_.waited(monotonic_us() - t0 < uring::kSpinUs);
             }
             sends_queued_ = false;
             batched = block && batch > 1;
@@ -247,39 +261,19 @@ class UringPoller final : public Poller {
         resume_accept_if_due();
         const int64_t before = arrivals_;
         n += reap(out + n, max - n);
-        if (batched) {
-            ++batch_waits_;
-            batch_arrivals_ += arrivals_ - before;
-        }
+        if (batched) batch_policy_.batch_wait(arrivals_ - before);
         return n;
     }
 
-    // Whether a batch wait is likely to gather enough to pay for itself: each one arms a kernel
-    // timer and holds the requests that arrive in its window. Decided once per span of at least
-    // kRateSpanUs, from the span before: the rate of data arrivals must bring at least
-    // kBatchMin (1.25) of them per batch_wait_us, and the batch waits of that span must have
-    // gathered as many on average. The second test catches arrivals that cannot come together,
-    // such as one busy client among idle connections, whose next request waits for this reply:
-    // batching then stays off for 2, 4, ... up to kBatchBackoffMax spans before it is tried again.
-    bool batch_pays() {
+    // At a blocking wait, once kSpanUs or more have gone by since the last: the wait policies
+    // decide for the next span (see wait_policy.hpp).
+    void end_span_if_due() {
         const int64_t now = monotonic_us();
-        const int64_t span = now - rate_since_;
-        if (span >= kRateSpanUs) {
-            const bool rate_ok = arrivals_ * static_cast<int64_t>(batch_wait_us_) * kBatchMinDen >=
-                                 kBatchMinNum * span;
-            if (batch_waits_ == 0) {
-                if (batch_skip_ > 0) --batch_skip_;
-            } else if (batch_arrivals_ * kBatchMinDen >= kBatchMinNum * batch_waits_) {
-                batch_backoff_ = 1;
-            } else {
-                batch_backoff_ = std::min(batch_backoff_ * 2, kBatchBackoffMax);
-                batch_skip_ = batch_backoff_;
-            }
-            batch_pays_ = rate_ok && batch_skip_ == 0;
-            arrivals_ = batch_waits_ = batch_arrivals_ = 0;
-            rate_since_ = now;
-        }
-        return batch_pays_;
+        const int64_t span = now - span_since_;
+        if (span < uring::kSpanUs) return;
+        batch_policy_.end_span(span, static_cast<int64_t>(batch_wait_us_));
+        spin_policy_.end_span();
+        span_since_ = now;
     }
 
     static int64_t monotonic_us() noexcept {
@@ -785,6 +779,7 @@ class UringPoller final : public Poller {
     // Every recv that brought data: counted for the batch wait, sized for bulk mode.
     void note_recv(Connection& c, int res) {
         ++arrivals_;
+        batch_policy_.arrival();
         if (res >= kBulkRecvBytes) {
             c.backend_flags = (c.backend_flags | kBulk) & ~kBulkSmall;
         } else if (c.backend_flags & kBulkSmall) {
@@ -859,13 +854,10 @@ class UringPoller final : public Poller {
     int64_t recvs_inflight_ = 0;  // recvs in the kernel, for the batch wait
     int64_t conns_ = 0;           // attached and not yet closed, for the buffer ring's size
     int64_t enobufs_ = 0;         // recvs that found the ring empty since grow_if_short()
-    int64_t arrivals_ = 0;        // recvs that brought data since rate_since_
-    int64_t rate_since_ = 0;      // monotonic_us() when counting arrivals_ began
-    bool batch_pays_ = false;     // batch_pays() as of rate_since_
-    int64_t batch_waits_ = 0;     // batch waits since rate_since_
-    int64_t batch_arrivals_ = 0;  // arrivals they gathered
-    int64_t batch_backoff_ = 1;   // spans without batch waits after the next failed span
-    int64_t batch_skip_ = 0;      // spans still without batch waits
+    int64_t arrivals_ = 0;        // recvs that brought data (a running count)
+    int64_t span_since_ = 0;      // monotonic_us() when the wait policies' span began
+    uring::BatchPolicy batch_policy_;
+    uring::SpinPolicy spin_policy_;
     WorkerStats* const stats_;
 };
 

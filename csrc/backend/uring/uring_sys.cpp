@@ -142,6 +142,7 @@ Features features_from_env() {
     f.pbuf_ring = !off("pbuf_ring");
     f.multishot_recv = !off("multishot_recv");
     f.min_wait = !off("min_wait");
+    f.poll = !off("poll");
     return f;
 }
 

@@ -41,10 +41,12 @@ struct Features {
     bool pbuf_ring = true;         // IORING_REGISTER_PBUF_RING, Linux >= 5.19
     bool multishot_recv = true;    // IORING_RECV_MULTISHOT (with pbuf_ring), Linux >= 6.0
     bool min_wait = true;          // IORING_FEAT_MIN_TIMEOUT (batched waits), Linux >= 6.12
+    bool poll = true;              // polling before sleeping when saturated (ours, any kernel)
 };
 
 // Reads IOCPNATIVE_URING_DISABLE ("all" or a comma list of defer_taskrun, single_issuer,
-// coop_taskrun, submit_all, multishot_accept, pbuf_ring, multishot_recv, min_wait) at each call.
+// coop_taskrun, submit_all, multishot_accept, pbuf_ring, multishot_recv, min_wait, poll) at
+// each call.
 Features features_from_env();
 
 // Why io_uring cannot be used here ("" when it can): the IOCPNATIVE_DISABLE_IO_URING test hook,
