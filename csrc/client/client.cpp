@@ -187,14 +187,23 @@ void Client::request(const char* data, size_t len, char* out) {
     require_open();
     const int64_t dl = deadline();
     size_t sent = 0, got = 0;
+    // Send before polling: the socket is nearly always writable, and a poll first costs a system
+    // call per request. Only a send that would block makes the next round poll for both ways.
+    bool try_send = true;
     while (got < len) {
         bool readable = false, writable = false;
-        wait_io(true, sent < len, dl, readable, writable);
+        if (try_send && sent < len) {
+            writable = true;
+        } else {
+            wait_io(true, sent < len, dl, readable, writable);
+        }
+        try_send = false;
         if (writable && sent < len) {
             const size_t chunk = std::min(len - sent, kMaxChunk);
             const auto n = ::send(sock_, data + sent, static_cast<io_len_t>(chunk), kSendFlags);
             if (n >= 0) {
                 sent += static_cast<size_t>(n);
+                try_send = true;
             } else {
                 const int err = last_socket_error();
                 if (!would_block(err) && err != EINTR) throw make_system_error(err, "send");
