@@ -3,8 +3,9 @@
 // connections that pin no IoData with a provided buffer ring, a burst of more connections with
 // data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), the ring
 // growing when many more connections are busy, batch waits (a wait for a CQE, an idle server
-// asleep, no window for a lone busy client), and stop() cancelling many connections with data
-// in flight. Skipped (77) where io_uring is unavailable.
+// asleep, no window for a lone busy client), the wait policies span by span (batch waits,
+// polling), and stop() cancelling many connections with data in flight. Skipped (77) where
+// io_uring is unavailable (the policy tests run everywhere).
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
