@@ -158,7 +158,14 @@ def test_stop_with_clients_and_data_in_flight_frees_the_pool(backend: str) -> No
 @pytest.mark.parametrize("backend", URING)
 @pytest.mark.parametrize(
     "off",
-    ["pbuf_ring", "multishot_recv", "multishot_accept", "defer_taskrun,single_issuer", "poll", "all"],
+    [
+        "pbuf_ring",
+        "multishot_recv",
+        "multishot_accept",
+        "defer_taskrun,single_issuer",
+        "poll",
+        "all",
+    ],
 )
 def test_io_uring_fallbacks_echo_and_stop(
     backend: str, off: str, monkeypatch: pytest.MonkeyPatch
