@@ -259,9 +259,9 @@ class UringPoller final : public Poller {
             batched = block && batch > 1;
         }
         resume_accept_if_due();
-        const int64_t before = arrivals_;
+        const int64_t before = batch_policy_.arrivals();
         n += reap(out + n, max - n);
-        if (batched) batch_policy_.batch_wait(arrivals_ - before);
+        if (batched) batch_policy_.batch_wait(batch_policy_.arrivals() - before);
         return n;
     }
 
@@ -778,7 +778,6 @@ class UringPoller final : public Poller {
 
     // Every recv that brought data: counted for the batch wait, sized for bulk mode.
     void note_recv(Connection& c, int res) {
-        ++arrivals_;
         batch_policy_.arrival();
         if (res >= kBulkRecvBytes) {
             c.backend_flags = (c.backend_flags | kBulk) & ~kBulkSmall;
@@ -854,7 +853,6 @@ class UringPoller final : public Poller {
     int64_t recvs_inflight_ = 0;  // recvs in the kernel, for the batch wait
     int64_t conns_ = 0;           // attached and not yet closed, for the buffer ring's size
     int64_t enobufs_ = 0;         // recvs that found the ring empty since grow_if_short()
-    int64_t arrivals_ = 0;        // recvs that brought data (a running count)
     int64_t span_since_ = 0;      // monotonic_us() when the wait policies' span began
     uring::BatchPolicy batch_policy_;
     uring::SpinPolicy spin_policy_;

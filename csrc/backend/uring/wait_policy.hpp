@@ -48,6 +48,7 @@ class Backoff {
 class BatchPolicy {
   public:
     void arrival() noexcept { ++arrivals_; }
+    int64_t arrivals() const noexcept { return arrivals_; }  // so far in this span
     void batch_wait(int64_t gathered) noexcept {
         ++waits_;
         gathered_ += gathered;
