@@ -227,9 +227,16 @@ def scaling_table(results: Path) -> str:
 
 
 def pyclient_table(d: dict) -> str:
+    def cpu(c: dict, key: str, fmt: str, unit: str = "") -> str:
+        return _f(c.get(key), fmt) + (unit if c.get(key) is not None else "")
+
     rows = [[f"{c['size']:,}", _f(c["client_median"], ",.0f"), _f(c["socket_median"], ",.0f"),
-             _f(c["ratio_paired"], ".2f") + "×"] for c in d["cases"]]  # fmt: skip
-    return table(["size B", "Client.request req/s", "socket loop req/s", "Client ÷ socket"], rows)
+             _f(c["ratio_paired"], ".2f") + "×", cpu(c, "client_cpu_us", ".2f"),
+             cpu(c, "socket_cpu_us", ".2f"), cpu(c, "cpu_ratio_paired", ".2f", "×")]
+            for c in d["cases"]]  # fmt: skip
+    hdr = ["size B", "Client.request req/s", "socket loop req/s", "Client ÷ socket",
+           "Client CPU µs/req", "socket CPU µs/req", "CPU Client ÷ socket"]  # fmt: skip
+    return table(hdr, rows)
 
 
 def targets(f: dict, idle_n: int, idle_small: float | None = None) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import array
 import errno
+import signal
 import socket
 import threading
 import time
@@ -109,6 +110,46 @@ def test_timeout_when_server_never_answers() -> None:
             assert 0.25 <= time.monotonic() - t0 < 3.0
             with pytest.raises(TimeoutError):
                 cli.recv()
+
+
+def test_timeout_when_the_reply_stops_halfway(raw_server) -> None:
+    def answer_half_then_wait(conn: socket.socket) -> None:
+        data = recv_exactly(conn, 10)
+        conn.sendall(data[:5])
+        conn.recv(1)  # until the client gives up and closes
+
+    port = raw_server(answer_half_then_wait)
+    with iocpnative.Client(port=port, timeout=0.3) as cli:
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            cli.request(b"0123456789")
+        # One timeout in all, not one for the blocking read and another for what follows it.
+        assert 0.25 <= time.monotonic() - t0 < 0.55
+
+
+def test_request_completes_across_a_signal(raw_server) -> None:
+    """A signal while request() waits for the echo (EINTR) neither loses nor repeats bytes."""
+    main = threading.get_ident()
+    caught: list[int] = []
+
+    def echo_late(conn: socket.socket) -> None:
+        data = recv_exactly(conn, 10)
+        time.sleep(0.1)  # the client is blocked in its read by now
+        signal.pthread_kill(main, signal.SIGUSR1)
+        time.sleep(0.1)
+        conn.sendall(data[:4])
+        time.sleep(0.05)
+        conn.sendall(data[4:])
+        conn.recv(1)
+
+    old = signal.signal(signal.SIGUSR1, lambda signum, frame: caught.append(signum))
+    try:
+        port = raw_server(echo_late)
+        with iocpnative.Client(port=port, timeout=5.0) as cli:
+            assert cli.request(b"0123456789") == b"0123456789"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+    assert caught == [signal.SIGUSR1]
 
 
 def test_connection_error_when_server_closes_mid_request(raw_server) -> None:

@@ -7,17 +7,23 @@ namespace bindings {
 namespace {
 
 // A contiguous read-only view of any bytes-like object, held while the GIL is released.
-struct Bytes {
-    explicit Bytes(const py::buffer& b) : info(b.request()) {
-        // A strided 1-D view (memoryview(b)[::2]) is not contiguous either: sending size()
-        // bytes from ptr would send the wrong bytes. BufferError, as socket.send() raises.
-        if (!PyBuffer_IsContiguous(info.view(), 'C')) {
-            throw py::buffer_error("data must be a C-contiguous bytes-like object");
-        }
+// PyBUF_SIMPLE asks for a C-contiguous buffer: a strided 1-D view (memoryview(b)[::2]) raises
+// BufferError, as socket.send() does, instead of sending the wrong bytes; an object without the
+// buffer protocol (str) raises TypeError. No copy and no allocation (py::buffer_info would
+// allocate its shape and strides on every call).
+class Bytes {
+  public:
+    explicit Bytes(const py::handle& obj) {
+        if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
     }
-    const char* data() const { return static_cast<const char*>(info.ptr); }
-    size_t size() const { return static_cast<size_t>(info.size * info.itemsize); }
-    py::buffer_info info;
+    ~Bytes() { PyBuffer_Release(&view_); }
+    Bytes(const Bytes&) = delete;
+    Bytes& operator=(const Bytes&) = delete;
+    const char* data() const { return static_cast<const char*>(view_.buf); }
+    size_t size() const { return static_cast<size_t>(view_.len); }
+
+  private:
+    Py_buffer view_{};
 };
 
 py::bytes new_bytes(size_t n) {
@@ -39,7 +45,7 @@ void register_client(py::module_& m) {
         .def(py::init<const std::string&, uint16_t, double>(), py::arg("host"), py::arg("port"),
              py::arg("timeout"), py::call_guard<py::gil_scoped_release>())
         .def("send",
-             [](Client& c, const py::buffer& data) {
+             [](Client& c, const py::handle& data) {
                  Bytes b(data);
                  py::gil_scoped_release nogil;
                  return c.send(b.data(), b.size());
@@ -58,7 +64,7 @@ void register_client(py::module_& m) {
             },
             py::arg("max_bytes"))
         .def("request",
-             [](Client& c, const py::buffer& data) {
+             [](Client& c, const py::handle& data) {
                  Bytes b(data);
                  py::bytes out = new_bytes(b.size());
                  char* p = PyBytes_AS_STRING(out.ptr());

@@ -38,6 +38,15 @@ bool would_block(int err) {
 // One chunk per call keeps each send/recv length within int on Windows.
 constexpr size_t kMaxChunk = size_t{1} << 30;
 
+// Flags of every send/recv that must not block. POSIX: the connected socket blocks (see
+// request()), so each call says so itself. Winsock has no MSG_DONTWAIT: the socket stays
+// non-blocking there.
+#ifdef _WIN32
+constexpr int kNoWait = 0;
+#else
+constexpr int kNoWait = MSG_DONTWAIT;
+#endif  // _WIN32
+
 }  // namespace
 
 Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeout_s_(timeout_s) {
@@ -99,6 +108,31 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
     if (sock_ == kInvalidSocket) {
         throw make_system_error(err, "connect to " + host + ":" + service);
     }
+#ifndef _WIN32
+    net::set_nonblocking(sock_, false);
+    apply_recv_timeout();
+#endif  // _WIN32
+}
+
+void Client::set_timeout(double timeout_s) noexcept {
+    timeout_s_ = timeout_s;
+    apply_recv_timeout();
+}
+
+void Client::apply_recv_timeout() noexcept {
+#ifndef _WIN32
+    if (sock_ == kInvalidSocket) return;
+    timeval tv{};  // zero: no limit
+    if (timeout_s_ > 0 && timeout_s_ < kNeverSeconds) {
+        const auto us = static_cast<int64_t>(timeout_s_ * 1e6 + 0.5);
+        tv.tv_sec = static_cast<time_t>(us / 1000000);
+        tv.tv_usec = static_cast<suseconds_t>(us % 1000000);
+        if (tv.tv_sec == 0 && tv.tv_usec == 0) tv.tv_usec = 1;
+    }
+    // It cannot fail on a valid socket; if it did, request() would only block longer in its one
+    // blocking recv, never return early.
+    (void)::setsockopt(sock_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+#endif  // _WIN32
 }
 
 Client::~Client() {
@@ -153,7 +187,8 @@ size_t Client::send(const char* data, size_t len) {
     size_t done = 0;
     while (done < len) {
         const size_t chunk = std::min(len - done, kMaxChunk);
-        const auto n = ::send(sock_, data + done, static_cast<io_len_t>(chunk), kSendFlags);
+        const auto n =
+            ::send(sock_, data + done, static_cast<io_len_t>(chunk), kSendFlags | kNoWait);
         if (n >= 0) {
             done += static_cast<size_t>(n);
             continue;
@@ -173,7 +208,7 @@ size_t Client::recv(char* out, size_t max_bytes) {
     const int64_t dl = deadline();
     for (;;) {
         const size_t chunk = std::min(max_bytes, kMaxChunk);
-        const auto n = ::recv(sock_, out, static_cast<io_len_t>(chunk), 0);
+        const auto n = ::recv(sock_, out, static_cast<io_len_t>(chunk), kNoWait);
         if (n >= 0) return static_cast<size_t>(n);
         const int err = last_socket_error();
         if (err == EINTR) continue;
@@ -187,6 +222,21 @@ void Client::request(const char* data, size_t len, char* out) {
     require_open();
     const int64_t dl = deadline();
     size_t sent = 0, got = 0;
+#ifndef _WIN32
+    // The common case in two system calls: one send takes the whole request (it fits the socket
+    // buffer), then one blocking recv (MSG_WAITALL, at most SO_RCVTIMEO = the timeout) reads the
+    // whole echo; nothing is left to send, so waiting only for the reply cannot deadlock. The
+    // loop below goes on from wherever this stops: a partial send, a short read (the timeout, a
+    // signal), an error it reports.
+    if (len > 0) {
+        const auto n = ::send(sock_, data, std::min(len, kMaxChunk), kSendFlags | MSG_DONTWAIT);
+        if (n > 0) sent = static_cast<size_t>(n);
+        if (sent == len) {
+            const auto r = ::recv(sock_, out, std::min(len, kMaxChunk), MSG_WAITALL);
+            if (r > 0) got = static_cast<size_t>(r);
+        }
+    }
+#endif  // _WIN32
     // Send before polling: the socket is nearly always writable, and a poll first costs a system
     // call per request. Only a send that would block makes the next round poll for both ways.
     bool try_send = true;
@@ -200,7 +250,8 @@ void Client::request(const char* data, size_t len, char* out) {
         try_send = false;
         if (writable && sent < len) {
             const size_t chunk = std::min(len - sent, kMaxChunk);
-            const auto n = ::send(sock_, data + sent, static_cast<io_len_t>(chunk), kSendFlags);
+            const auto n =
+                ::send(sock_, data + sent, static_cast<io_len_t>(chunk), kSendFlags | kNoWait);
             if (n >= 0) {
                 sent += static_cast<size_t>(n);
                 try_send = true;
@@ -211,7 +262,7 @@ void Client::request(const char* data, size_t len, char* out) {
         }
         if (readable) {
             const size_t chunk = std::min(len - got, kMaxChunk);
-            const auto n = ::recv(sock_, out + got, static_cast<io_len_t>(chunk), 0);
+            const auto n = ::recv(sock_, out + got, static_cast<io_len_t>(chunk), kNoWait);
             if (n == 0) {
                 throw SystemError(ECONNRESET, "connection closed by the server after " +
                                                   std::to_string(got) + " of " +

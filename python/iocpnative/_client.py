@@ -44,7 +44,10 @@ class Client:
 
         Reads while it sends, so payloads larger than the socket buffers cannot deadlock.
         """
-        return bytes(self._conn().request(data))
+        native = self._native  # inline _conn(): this is the per-request hot path
+        if native is None:
+            raise OSError(9, "client is closed")
+        return native.request(data)
 
     def shutdown_write(self) -> None:
         """Half-close: the server sees EOF; replies can still be read."""

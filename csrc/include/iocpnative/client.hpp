@@ -31,7 +31,7 @@ class Client {
     void close() noexcept;
     bool closed() const noexcept { return sock_ == kInvalidSocket; }
     double timeout() const noexcept { return timeout_s_; }
-    void set_timeout(double timeout_s) noexcept { timeout_s_ = timeout_s; }
+    void set_timeout(double timeout_s) noexcept;
 
   private:
     void require_open() const;
@@ -40,6 +40,9 @@ class Client {
     void wait_io(bool want_read, bool want_write, int64_t deadline_ms, bool& readable,
                  bool& writable);
     int64_t deadline() const;
+    // POSIX: the connected socket blocks, with SO_RCVTIMEO = the timeout, for request()'s one
+    // blocking recv; every other call passes MSG_DONTWAIT. Winsock: it stays non-blocking.
+    void apply_recv_timeout() noexcept;
 
     socket_t sock_ = kInvalidSocket;
     double timeout_s_;
