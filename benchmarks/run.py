@@ -293,10 +293,10 @@ def targets(f: dict, idle_n: int, idle_small: float | None = None) -> str:
     if idle_small is not None:
         v = idle_small
         rows.append(row(f"{IDLE_SMALL:,} idle connections", "user-space KiB per connection",
-                        "≤ 0.5 KiB", _f(v, ".2f") + " KiB", v <= 0.5))  # fmt: skip
+                        "≤ 0.5 KiB", _f(v, ".3f") + " KiB", v <= 0.5))  # fmt: skip
     v = idle.get(me)
     rows.append(row(f"{idle_n:,} idle connections", "user-space KiB per connection", "≤ 0.5 KiB",
-                    _f(v, ".2f") + " KiB", None if v is None else v <= 0.5))  # fmt: skip
+                    _f(v, ".3f") + " KiB", None if v is None else v <= 0.5))  # fmt: skip
     return table(["scenario", "figure", "target", "measured (iocpnative, auto backend)", ""], rows)
 
 
