@@ -206,9 +206,14 @@ size_t Client::recv(char* out, size_t max_bytes) {
     require_open();
     if (max_bytes == 0) return 0;
     const int64_t dl = deadline();
+    const size_t chunk = std::min(max_bytes, kMaxChunk);
+    // POSIX: the first recv blocks (at most SO_RCVTIMEO = the timeout), so waiting for data is
+    // one system call, not recv, poll, recv; after a signal or the timeout the loop polls up to
+    // the same deadline. Winsock: the socket does not block, the first call neither.
+    int flags = 0;
     for (;;) {
-        const size_t chunk = std::min(max_bytes, kMaxChunk);
-        const auto n = ::recv(sock_, out, static_cast<io_len_t>(chunk), kNoWait);
+        const auto n = ::recv(sock_, out, static_cast<io_len_t>(chunk), flags);
+        flags = kNoWait;
         if (n >= 0) return static_cast<size_t>(n);
         const int err = last_socket_error();
         if (err == EINTR) continue;
