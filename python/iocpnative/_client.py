@@ -44,10 +44,7 @@ class Client:
 
         Reads while it sends, so payloads larger than the socket buffers cannot deadlock.
         """
-        native = self._native  # inline _conn(): this is the per-request hot path
-        if native is None:
-            raise OSError(9, "client is closed")
-        return native.request(data)
+        return self._conn().request(data)
 
     def shutdown_write(self) -> None:
         """Half-close: the server sees EOF; replies can still be read."""
