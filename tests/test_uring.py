@@ -228,7 +228,7 @@ def test_batch_wait_holds_a_lone_request_at_most_the_window_and_rarely(
     backend: str, batch_wait_us: int, off: str, waits: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Lone requests, each sent right after the previous reply, with 31 quiet connections (32
-    recvs posted, so a batch of 16 would be asked for). A batch wait can gather nothing here: the
+    recvs posted, so a batch of 8 would be asked for). A batch wait can gather nothing here: the
     next request waits for this reply. The worker tries one (it waits out the window, no longer),
     sees it gather less than 1.25 requests, and answers at once for the next 2, 4, ... spans.
     Polling is off: a worker that polls (SpinPolicy, when the burst of 31 connections made most

@@ -43,7 +43,8 @@
 // stop meeting an empty ring; a buffer costs memory only once the kernel has received into it.
 //
 // Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT): with kBatchMinRecvs or more recvs
-// posted, the worker waits for kBatchCount completions, but no longer than
+// posted, the worker waits for one completion per kRecvsPerBatched recvs posted (at most
+// kBatchCount), but no longer than
 // ServerConfig::batch_wait_us (default 200; 0 turns batched waits off); after that any completion
 // ends the wait. At a moderate message rate each message otherwise costs a wake-up and a sleep of
 // the worker thread. Measured with peers.py (3 rounds) at 30,000 round trips/s on 50
@@ -55,7 +56,7 @@
 // (wait_policy.hpp) allows them only while the arrival rate fills the window with at least 1.25
 // requests and recent batch waits did gather that many (one busy client among idle connections
 // does not).
-// kBatchCount is high on purpose: where batching pays, the window ends the wait, not the count.
+// The count is high on purpose: where batching pays, the window ends the wait, not the count.
 // The worker then wakes on its own timer; a wait ended by the request that completes the count
 // is woken by the client's CPU (an inter-processor interrupt that CPU pays), just as that client
 // goes back to sleep, so the replies need another interrupt to wake it. Measured with peers.py
@@ -68,13 +69,26 @@
 // price shows where the old count was small: at 10,000/s on 20 connections (2 per window, the
 // old count 2) 19.9 vs 16.7 us, p50 224 vs 222 us, but p99 340 vs 418 us, each wait now holding
 // its first request the whole window. The count still ends a wait early in a burst.
+// It is at most a quarter of the recvs posted because a saturated worker waits for its batch
+// too (it does not poll, below), and each request it holds is one the client cannot answer
+// yet: saturated on 20 connections (peers.py, 4 rounds), waiting for 16 completions ran at
+// 0.82x the C epoll peer's msgs/s (the client 86 % busy), for a quarter (5) at 0.97x, the same
+// as polling in that run (1.03x vs 1.01x in another).
 //
 // Polling (SpinPolicy, wait_policy.hpp): when nearly every wait would end within kSpinUs (20 us),
-// i.e. the worker is saturated, it polls the ring for that long before it sleeps. Measured with
+// i.e. the worker is saturated, and it cannot wait for a batch (fewer than kBatchMinRecvs recvs
+// posted, batched waits off or not in the kernel), it polls the ring for that long before it
+// sleeps. Measured with
 // peers.py (3 rounds, client-bound rows, msgs/s against the same build without polling): 10 x
 // 64 KiB 1.06x (1.02x uvloop), 50 x 512 B 1.04x, 1000 x 128 B 1.04x; the fixed-rate rows do not
 // poll (server CPU per message unchanged at 30,000/s and 20,000/s). On loopback the client's CPU
 // pays for waking a sleeping server, which is why a server that keeps polling lets it go faster.
+// Where a batch wait is possible it does better than polling: one wake-up per batch, which the
+// client's CPU pays once, and the worker's CPU free in between. Measured with peers.py,
+// saturated 50 x 512 B, polling against batch waits in five runs of 4-6 rounds: 0.96-0.99x vs
+// 0.99-1.00x the C epoll peer's msgs/s (paired), server CPU 95-98 % vs 87-91 %; 1000 x 128 B
+// and 10,000 x 512 B the same within noise, the fixed-rate rows unchanged. Only polls and plain
+// waits feed SpinPolicy, so it stays off while batch waits are possible.
 //
 // Wake-up from other threads: a READ of an eventfd stays posted on the ring and wake() writes
 // the eventfd. IORING_OP_MSG_RING would need a ring on the waking thread (stop() runs on a
@@ -160,7 +174,8 @@ constexpr int64_t kOwnRecvLimit = 32;
 // goes quiet in bulk mode holds one IoData until its next messages or its close.
 constexpr int kBulkRecvBytes = 16 * 1024;
 constexpr int64_t kBatchMinRecvs = 16;   // batched waits need this many recvs posted
-constexpr int64_t kBatchCount = 16;      // completions a batch wait waits for (or the window)
+constexpr int64_t kRecvsPerBatched = 4;  // a batch wait waits for one completion per 4 recvs,
+constexpr int64_t kBatchCount = 16;      // at most 16 (or for the window)
 constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
 
 // Power of two between 16 and 256, about kBufRingBudget bytes in all.
@@ -236,7 +251,7 @@ class UringPoller final : public Poller {
             int64_t batch = 1;
             if (ring_.has_min_wait() && batch_wait_us_ > 0 && batch_policy_.on() &&
                 recvs_inflight_ >= kBatchMinRecvs) {
-                batch = kBatchCount;
+                batch = std::min(kBatchCount, recvs_inflight_ / kRecvsPerBatched);
             }
             // Before a batch wait, queued sends are submitted alone: they complete during
             // submission, and the core must see those completions now, not after the wait. With
@@ -247,7 +262,8 @@ class UringPoller final : public Poller {
             // through the stash and an extra loop iteration: submitting the sends with the wait
             // instead measured 9.0-10.1 vs 7.9-8.5 us per message at 30,000/s on 50 connections.
             bool submitted = false;
-            if (block && feat_.poll && spin_policy_.on()) {
+            // A worker that can wait for a batch does so instead of polling (see the file comment).
+            if (block && feat_.poll && spin_policy_.on() && batch == 1) {
                 // Poll for up to kSpinUs (io_uring_enter runs the deferred task work).
                 const int64_t until = monotonic_us() + uring::kSpinUs;
                 do {
@@ -263,7 +279,7 @@ class UringPoller final : public Poller {
                 block = ring_.ready() == 0;
             }
             if (block || !submitted) {
-                const bool timed = block && feat_.poll && !spin_policy_.on();
+                const bool timed = block && feat_.poll && !spin_policy_.on() && batch == 1;
                 const int64_t t0 = timed ? monotonic_us() : 0;
                 ring_.enter(block ? static_cast<unsigned>(batch) : 0, timeout_ms, batch_wait_us_);
                 if (timed) spin_policy_.waited(monotonic_us() - t0 < uring::kSpinUs);
