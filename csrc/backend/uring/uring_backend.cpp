@@ -42,53 +42,54 @@
 // also grows with the worker's connections (kConnsPerRecvBuffer), so that many busy connections
 // stop meeting an empty ring; a buffer costs memory only once the kernel has received into it.
 //
-// Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT): with kBatchMinRecvs or more recvs
-// posted, the worker waits for one completion per kRecvsPerBatched recvs posted (at most
-// kBatchCount), but no longer than
-// ServerConfig::batch_wait_us (default 200; 0 turns batched waits off); after that any completion
-// ends the wait. At a moderate message rate each message otherwise costs a wake-up and a sleep of
-// the worker thread. Measured with peers.py (3 rounds) at 30,000 round trips/s on 50
+// Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT): with kBatchMinRecvs or more recvs posted,
+// the worker waits for one completion per kRecvsPerBatched recvs posted (at most kBatchCount), but
+// no longer than ServerConfig::batch_wait_us (default 200; 0 turns batched waits off); after that
+// any completion ends the wait. At a moderate message rate each message otherwise costs a wake-up
+// and a sleep of the worker thread. Measured with peers.py (3 rounds) at 30,000 round trips/s on 50
 // connections, server CPU per message went from 14.6 to 9.0 us, for about 100 us more median
-// latency; a saturated server finds its batch at once. Fewer connections never wait for a batch,
-// so a lone request is answered at once. Each batch wait arms a kernel timer, and a window that
-// gathers about one request costs more CPU than it saves (measured: 1.08-1.22x the C epoll
-// peer's CPU per message at 5,000/s on 100 connections, and +110 us p50), so BatchPolicy
-// (wait_policy.hpp) allows them only while the arrival rate fills the window with at least 1.25
-// requests and recent batch waits did gather that many (one busy client among idle connections
-// does not).
-// The count is high on purpose: where batching pays, the window ends the wait, not the count.
-// The worker then wakes on its own timer; a wait ended by the request that completes the count
-// is woken by the client's CPU (an inter-processor interrupt that CPU pays), just as that client
-// goes back to sleep, so the replies need another interrupt to wake it. Measured with peers.py
-// (4 rounds, two runs) at 30,000/s on 50 connections, waiting for 6 completions (one per 8
-// recvs, the rule before) against 16: 8.14 / 8.10 vs 7.55 / 7.37 us of server CPU per message
-// (0.50x vs 0.47x / 0.45x uvloop), client 15.1 vs 13.3 us, p50 232 vs 209 us; interrupts sent
-// from the server's CPU 0.139 vs 0.081 per message. At 60,000/s on 1000 connections (12 per
-// window) 8 vs 16: 6.92 vs 6.16 us, p99 643 vs 502 us. At 20,000/s on 1000 connections,
-// waiting for the 4 a window brings instead of 8 gave 11.6 vs 9.0 us (p99 372 vs 412 us). The
-// price shows where the old count was small: at 10,000/s on 20 connections (2 per window, the
-// old count 2) 19.9 vs 16.7 us, p50 224 vs 222 us, but p99 340 vs 418 us, each wait now holding
-// its first request the whole window. The count still ends a wait early in a burst.
-// It is at most a quarter of the recvs posted because a saturated worker waits for its batch
-// too (it does not poll, below), and each request it holds is one the client cannot answer
-// yet: saturated on 20 connections (peers.py, 4 rounds), waiting for 16 completions ran at
-// 0.82x the C epoll peer's msgs/s (the client 86 % busy), for a quarter (5) at 0.97x, the same
-// as polling in that run (1.03x vs 1.01x in another).
+// latency; a saturated server finds its batch at once. Fewer connections never wait for a batch, so
+// a lone request is answered at once. Each batch wait arms a kernel timer, and a window that
+// gathers about one request costs more CPU than it saves (measured: 1.08-1.22x the C epoll peer's
+// CPU per message at 5,000/s on 100 connections, and +110 us p50), so BatchPolicy (wait_policy.hpp)
+// allows them only while the arrival rate fills the window with at least 1.25 requests and recent
+// batch waits did gather that many (one busy client among idle connections does not).
+//
+// The count is high on purpose: where batching pays, the window ends the wait, not the count. The
+// worker then wakes on its own timer; a wait ended by the request that completes the count is woken
+// by the client's CPU (an inter-processor interrupt that CPU pays), just as that client goes back
+// to sleep, so the replies need another interrupt to wake it. Measured with peers.py (4 rounds, two
+// runs) at 30,000/s on 50 connections, waiting for 6 completions (one per 8 recvs, the rule before)
+// against 16: 8.14 / 8.10 vs 7.55 / 7.37 us of server CPU per message (0.50x vs 0.47x / 0.45x
+// uvloop), client 15.1 vs 13.3 us, p50 232 vs 209 us; interrupts sent from the server's CPU 0.139
+// vs 0.081 per message. At 60,000/s on 1000 connections (12 per window) 8 vs 16: 6.92 vs 6.16 us,
+// p99 643 vs 502 us. At 20,000/s on 1000 connections, waiting for the 4 a window brings instead of
+// 8 gave 11.6 vs 9.0 us (p99 372 vs 412 us). The price shows where the old count was small: at
+// 10,000/s on 20 connections (2 per window, the old count 2) 19.9 vs 16.7 us, p50 224 vs 222 us,
+// but p99 340 vs 418 us, each wait now holding its first request the whole window. The count still
+// ends a wait early in a burst.
+//
+// It is at most a quarter of the recvs posted because a saturated worker waits for its batch too
+// (it does not poll, below), and each request it holds is one the client cannot answer yet:
+// saturated on 20 connections (peers.py, 4 rounds), waiting for 16 completions ran at 0.82x the C
+// epoll peer's msgs/s (the client 86 % busy), for a quarter (5) at 0.97x, the same as polling in
+// that run (1.03x vs 1.01x in another).
 //
 // Polling (SpinPolicy, wait_policy.hpp): when nearly every wait would end within kSpinUs (20 us),
 // i.e. the worker is saturated, and it cannot wait for a batch (fewer than kBatchMinRecvs recvs
 // posted, batched waits off or not in the kernel), it polls the ring for that long before it
-// sleeps. Measured with
-// peers.py (3 rounds, client-bound rows, msgs/s against the same build without polling): 10 x
-// 64 KiB 1.06x (1.02x uvloop), 50 x 512 B 1.04x, 1000 x 128 B 1.04x; the fixed-rate rows do not
-// poll (server CPU per message unchanged at 30,000/s and 20,000/s). On loopback the client's CPU
-// pays for waking a sleeping server, which is why a server that keeps polling lets it go faster.
+// sleeps. Measured with peers.py (3 rounds, client-bound rows, msgs/s against the same build
+// without polling): 10 x 64 KiB 1.06x (1.02x uvloop), and 50 x 512 B 1.04x, 1000 x 128 B 1.04x
+// before batch waits took over there; the fixed-rate rows do not poll (server CPU per message
+// unchanged at 30,000/s and 20,000/s). On loopback the client's CPU pays for waking a sleeping
+// server, which is why a server that keeps polling lets it go faster.
+//
 // Where a batch wait is possible it does better than polling: one wake-up per batch, which the
-// client's CPU pays once, and the worker's CPU free in between. Measured with peers.py,
-// saturated 50 x 512 B, polling against batch waits in five runs of 4-6 rounds: 0.96-0.99x vs
-// 0.99-1.00x the C epoll peer's msgs/s (paired), server CPU 95-98 % vs 87-91 %; 1000 x 128 B
-// and 10,000 x 512 B the same within noise, the fixed-rate rows unchanged. Only polls and plain
-// waits feed SpinPolicy, so it stays off while batch waits are possible.
+// client's CPU pays once, and the worker's CPU free in between. Measured with peers.py, saturated
+// 50 x 512 B, polling against batch waits in five runs of 4-6 rounds: 0.96-0.99x vs 0.99-1.00x the
+// C epoll peer's msgs/s (paired), server CPU 95-98 % vs 87-91 %; 1000 x 128 B and 10,000 x 512 B
+// the same within noise, the fixed-rate rows unchanged. Only polls and plain waits feed SpinPolicy,
+// so it stays off while batch waits are possible.
 //
 // Wake-up from other threads: a READ of an eventfd stays posted on the ring and wake() writes
 // the eventfd. IORING_OP_MSG_RING would need a ring on the waking thread (stop() runs on a
