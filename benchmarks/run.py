@@ -302,8 +302,9 @@ def targets(f: dict, idle_n: int, idle_small: float | None = None) -> str:
 
 NOBATCH_NOTE = (
     "Batched waits trade latency for CPU: the default `iocpnative` row waits up to 200 µs for a "
-    "batch of io_uring completions (16, or what the window brings) before answering them "
-    "together; `iocpnative_nobatch` (`--batch-wait-us 0`) answers each completion at once."
+    "batch of io_uring completions (one per 4 receives posted, at most 16, or what the window "
+    "brings) before answering them together; `iocpnative_nobatch` (`--batch-wait-us 0`) answers "
+    "each completion at once."
 )
 
 

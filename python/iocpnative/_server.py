@@ -151,7 +151,7 @@ class Server:
     ``batch_wait_us`` (io_uring on Linux >= 6.12 only): with many receives posted, a worker may
     wait this long for a batch of completions before answering what it has, so a moderate
     message rate costs one wake-up per batch instead of one per message (in docs/benchmarks.md,
-    44-52 % less server CPU per message at 20,000-30,000 msgs/s, for up to this much more
+    47-54 % less server CPU per message at 20,000-30,000 msgs/s, for up to this much more
     latency); ``0`` answers every completion at once. A lone connection, or a few, never
     waits; nor do requests that arrive too slowly, or too much one at a time, for a window to
     gather at least 1.25 of them (there the kernel timer of a batch wait costs more than it
