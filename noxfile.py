@@ -32,14 +32,39 @@ TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
 JOBS = str(os.cpu_count() or 2)
 
 
+# What a wheel is built from: a wheel older than any of these is stale.
+SOURCES = ("csrc", "python", "cmake", "CMakeLists.txt", "pyproject.toml")
+
+
+def _newest_source_mtime() -> float:
+    newest = 0.0
+    for name in SOURCES:
+        path = ROOT / name
+        files = path.rglob("*") if path.is_dir() else [path]
+        for f in files:
+            # Bytecode and an extension module linked into python/ for development are not sources.
+            if f.is_file() and "__pycache__" not in f.parts and f.suffix not in {".pyc", ".so"}:
+                newest = max(newest, f.stat().st_mtime)
+    return newest
+
+
 def _wheel() -> Path | None:
-    wheels = sorted(DIST.glob("iocpnative-*.whl"), key=lambda p: p.stat().st_mtime)
+    """The newest wheel in dist/ for this interpreter (nox's sessions run on the Python that runs
+    nox), or None."""
+    tag = f"-cp{sys.version_info.major}{sys.version_info.minor}-"
+    wheels = sorted(
+        (p for p in DIST.glob("iocpnative-*.whl") if tag in p.name), key=lambda p: p.stat().st_mtime
+    )
     return wheels[-1] if wheels else None
 
 
 def _wheel_or_build(session: nox.Session) -> Path:
-    """The newest wheel in dist/, built first when there is none."""
+    """The newest wheel in dist/ for this Python, built first when there is none or when a source
+    changed after it was built (so `nox -s test` alone never tests stale code)."""
     wheel = _wheel()
+    if wheel is not None and wheel.stat().st_mtime < _newest_source_mtime():
+        session.log(f"{wheel.name} is older than the sources: building it again")
+        wheel = None
     if wheel is None:
         session.install("build")
         session.run("python", "-m", "build", "--wheel", "--outdir", str(DIST), str(ROOT))
@@ -76,7 +101,8 @@ def test(session: nox.Session) -> None:
     wheel = _wheel_or_build(session)
     session.install(*TEST_DEPS, "cmake", "ninja")
     session.install("--force-reinstall", "--no-deps", str(wheel))
-    # Run from tests/ so that `import iocpnative` finds the installed wheel, not python/.
+    # `import iocpnative` finds the installed wheel: pytest puts tests/ (conftest.py's folder) on
+    # sys.path, never python/.
     session.run(
         "pytest", *(session.posargs or ["-q"]), "-p", "no:cacheprovider",
         # The wine tests need the MinGW build: `nox -s mingw` runs them.
@@ -91,7 +117,7 @@ def test(session: nox.Session) -> None:
 @nox.session(reuse_venv=True)
 def lint(session: nox.Session) -> None:
     """ruff (lint + format check) on the Python code and clang-format on csrc/."""
-    session.install("ruff", "clang-format")
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
     session.run("ruff", "check", "python", "tests", "benchmarks", "noxfile.py")
     session.run("ruff", "format", "--check", "python", "tests", "benchmarks", "noxfile.py")
     sources = sorted(
