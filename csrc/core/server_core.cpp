@@ -1,8 +1,10 @@
 #include "server_core.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <stdexcept>
+#include <system_error>
 
 #include "../crash/crash_thread.hpp"
 #include "iocpnative/errors.hpp"
@@ -10,6 +12,13 @@
 #include "worker.hpp"
 
 namespace iocpnative {
+
+namespace {
+// How long a start() that could not create every worker thread waits for the ones it did create
+// to stop (they have had no time to take work; only a handler that blocks at once could hold
+// one).
+constexpr double kStartFailureStopSeconds = 10.0;
+}  // namespace
 
 void validate(const ServerConfig& cfg) {
     if (cfg.workers < 0) {
@@ -48,7 +57,7 @@ ServerCore::State ServerCore::state() const {
 }
 
 void ServerCore::start() {
-    std::lock_guard<std::mutex> g(mu_);
+    std::unique_lock<std::mutex> g(mu_);
     if (state_ != State::Idle) {
         throw std::logic_error(state_ == State::Running ? "server is already running"
                                                         : "a stopped server cannot be restarted; "
@@ -96,13 +105,31 @@ void ServerCore::start() {
     state_ = State::Running;
     // The threads keep the core alive: stop() may return on a timeout while a handler blocks.
     auto self = shared_from_this();
-    for (auto& w : workers_) {
-        Worker* wp = w.get();
-        threads_.emplace_back([self, wp] {
-            // Crash capture runs on the faulting thread: give each worker its reserve stack.
-            crash::prepare_thread();
-            wp->run();
-        });
+    try {
+        for (auto& w : workers_) {
+            Worker* wp = w.get();
+            threads_.emplace_back([self, wp] {
+                // Crash capture runs on the faulting thread: give each worker its reserve stack.
+                crash::prepare_thread();
+                wp->run();
+            });
+        }
+    } catch (const std::system_error& e) {
+        // No thread for a worker (EAGAIN: thread or memory limits). Without this, running()
+        // stayed true and every stop() waited for a worker that never started. The workers
+        // without a thread go; the rest stop as in stop(), which frees everything.
+        const size_t started = threads_.size();
+        workers_.resize(started);
+        const int err = e.code().value() != 0 ? e.code().value() : EAGAIN;
+        g.unlock();
+        try {
+            stop(kStartFailureStopSeconds);
+        } catch (const TimeoutError&) {
+            // A handler blocks a worker that did start; a later stop() or the destructor ends it.
+        }
+        throw make_system_error(err, "start(): cannot create worker thread " +
+                                         std::to_string(started + 1) + " of " +
+                                         std::to_string(workers));
     }
 }
 

@@ -1,6 +1,7 @@
 // stop() at its edges, once per backend available here: several threads calling stop() at once
 // (only one may join the workers), and timeouts so large that converting them to clock ticks or
 // milliseconds would overflow (they mean "never").
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -8,8 +9,18 @@
 #include <thread>
 #include <vector>
 
+#ifndef _WIN32
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <fstream>
+#endif
+
 #include "backend/backend.hpp"
 #include "iocpnative/client.hpp"
+#include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
 #include "test_harness.hpp"
 #include "test_util.hpp"
@@ -67,5 +78,110 @@ TEST_CASE(huge_timeouts_mean_never) {
         ASSERT_EQ(srv.stats().pool_allocated, 0);
     });
 }
+
+#ifndef _WIN32
+// A forked child (os.fork, multiprocessing, the fork before an exec) holds a copy of every
+// socket. When the server then closes a connection, the socket itself stays open in the child,
+// and so did the connection's epoll registration (it belongs to the open socket, not to the
+// descriptor number): data arriving later was reported with the freed Connection (a
+// use-after-free under ASan). Now the registration is removed before the close.
+TEST_CASE(close_while_a_forked_child_holds_the_socket) {
+    return for_each_backend([](const std::string& backend) {
+        ServerConfig cfg = config_for(backend);
+        cfg.workers = 1;
+        cfg.idle_timeout = 0.2;
+        Server srv(cfg);
+        srv.start();
+        Client a("127.0.0.1", srv.port(), 5.0);
+        char back[5];
+        a.request("first", 5, back);
+        const pid_t child = ::fork();
+        if (child == 0) {
+            ::usleep(1500 * 1000);  // holds the sockets past the idle close and the late data
+            ::_exit(0);
+        }
+        ASSERT_TRUE(child > 0);
+        std::this_thread::sleep_for(std::chrono::milliseconds(700));  // past the idle timeout
+        ASSERT_EQ(srv.stats().active_connections, 0);
+        a.send("late", 4);  // reaches the socket the child still holds
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        Client b("127.0.0.1", srv.port(), 5.0);
+        b.request("after", 5, back);
+        ASSERT_TRUE(std::memcmp(back, "after", 5) == 0);
+        srv.stop(5.0);
+        expect_pool_freed(srv);
+        int status = 0;
+        ASSERT_EQ(::waitpid(child, &status, 0), child);
+    });
+}
+
+// start() when a worker thread cannot be created (here: an address-space limit that leaves room
+// for one thread's stack, not for two). It used to leave running() true and every stop()
+// waiting for the worker that never started. Now start() stops the workers it did start, frees
+// everything and raises the thread error. Run in a child: the limit must not reach the others.
+// The spawn loop is the core's, the same for every backend; epoll's pollers need no memory that
+// the limit would refuse first.
+static long vm_size_kib() {
+    std::ifstream in("/proc/self/status");
+    std::string key;
+    long kib = -1;
+    while (in >> key) {
+        if (key == "VmSize:") {
+            in >> kib;
+            break;
+        }
+        in.ignore(1 << 12, '\n');
+    }
+    return kib;
+}
+
+TEST_CASE(start_without_a_worker_thread_fails_cleanly) {
+    const auto names = testh::backends_under_test(available_backends());
+    if (std::find(names.begin(), names.end(), "epoll") == names.end()) return testh::kSkip;
+    const pid_t child = ::fork();
+    if (child == 0) {
+        ServerConfig cfg = config_for("epoll");
+        cfg.workers = 4;
+        const long kib = vm_size_kib();
+        if (kib <= 0) ::_exit(10);
+        // One default thread stack (8 MiB) fits in what is left, a second does not.
+        const rlim_t limit = static_cast<rlim_t>(kib + 12 * 1024) * 1024;
+        const rlimit rl{limit, limit};
+        if (::setrlimit(RLIMIT_AS, &rl) != 0) ::_exit(11);
+        Server srv(cfg);
+        int code = 0;
+        try {
+            srv.start();
+            ::_exit(12);  // every thread started: the limit did not bite
+        } catch (const SystemError& e) {
+            code = e.code();
+            std::printf("    start: %s\n", e.what());
+        } catch (...) {
+            ::_exit(13);
+        }
+        if (code != EAGAIN && code != ENOMEM) ::_exit(14);
+        if (srv.running()) ::_exit(15);
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+            srv.stop(5.0);
+        } catch (...) {
+            ::_exit(16);
+        }
+        if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(1)) ::_exit(17);
+        const ServerStats st = srv.stats();
+        if (st.pool_in_use != 0 || st.pool_allocated != 0 || st.active_connections != 0)
+            ::_exit(18);
+        std::fflush(stdout);
+        ::_exit(0);
+    }
+    ASSERT_TRUE(child > 0);
+    int status = 0;
+    ASSERT_EQ(::waitpid(child, &status, 0), child);
+    if (!WIFEXITED(status)) std::printf("    child died: status %d\n", status);
+    ASSERT_TRUE(WIFEXITED(status));
+    ASSERT_EQ(WEXITSTATUS(status), 0);
+    return testh::kPass;
+}
+#endif
 
 TEST_MAIN()

@@ -135,7 +135,10 @@ class EpollPoller final : public Poller {
         if (c.backend_flags & kWantSend) push(Event::Kind::Send, c, c.backend_io, -ECANCELED);
         c.backend_flags = 0;
         c.backend_io = nullptr;
-        // Closing the only descriptor also removes it from the epoll set.
+        // Closing the descriptor removes it from the epoll set only if it was the socket's last
+        // one: after a fork() (os.fork, multiprocessing, the fork before an exec) the child holds
+        // the socket too, and later data on it would reach us with the freed Connection.
+        ::epoll_ctl(ep_, EPOLL_CTL_DEL, c.sock, nullptr);
         net::close_socket(c.sock);
         c.sock = kInvalidSocket;
     }
