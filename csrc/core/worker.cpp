@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -104,8 +105,37 @@ void Worker::handle_events_with_handler(const Event* events, int n) {
     }
     const size_t k = staged_.size();
     if (k == 0) return;
-    handler_->on_batch(chunks_.data(), k, core_.stop_flag());
+    // A C++ handler may throw (std::bad_alloc, its own errors). Escaping, the exception stopped
+    // this worker and left every staged chunk's IoData and connection in use for good. Now the
+    // chunk it was handling counts as a handler error (its connection closes) and the rest of
+    // the batch goes to the handler again.
+    for (size_t from = 0; from < k;) {
+        try {
+            handler_->on_batch(chunks_.data() + from, k - from, core_.stop_flag());
+            break;
+        } catch (const std::exception& e) {
+            from = fail_first_unhandled(from, k, e.what());
+        } catch (...) {
+            from = fail_first_unhandled(from, k, "unknown exception");
+        }
+    }
     for (size_t i = 0; i < k; ++i) finish_chunk(chunks_[i], *staged_[i].conn, *staged_[i].io);
+}
+
+void Worker::log_handler_exception(uint64_t conn_id, const char* what) {
+    std::fprintf(stderr, "iocpnative: handler raised on connection %llu: %s\n",
+                 static_cast<unsigned long long>(conn_id), what);
+}
+
+// The handler threw while on chunks [from, k): the first chunk it had not finished is the one it
+// threw on. Returns where to go on.
+size_t Worker::fail_first_unhandled(size_t from, size_t k, const char* what) {
+    while (from < k && chunks_[from].handled) ++from;
+    if (from == k) return k;
+    log_handler_exception(chunks_[from].conn_id, what);
+    chunks_[from].ok = false;
+    chunks_[from].handled = true;
+    return from + 1;
 }
 
 void Worker::dispatch(const Event& ev) {
@@ -136,7 +166,12 @@ void Worker::on_accepted(socket_t s) {
         net::close_socket(s);
         return;
     }
-    auto* c = new Connection();
+    Connection* c = new (std::nothrow) Connection();
+    if (c == nullptr) {
+        WorkerStats::add(stats_.rejected_connections, 1);
+        net::close_socket(s);
+        return;
+    }
     c->sock = s;
     c->id = core_.next_connection_id();
     c->owner = index_;
@@ -153,7 +188,8 @@ void Worker::on_accepted(socket_t s) {
     WorkerStats::add(stats_.total_connections, 1);
     table_.add(c);
     if (core_.config().verbose) log_connect(*c);
-    if (handler_ != nullptr && !handler_->on_connect(c->id, net::peer_name(s))) {
+    if (handler_ != nullptr &&
+        !handler_says(c->id, [&] { return handler_->on_connect(c->id, net::peer_name(s)); })) {
         WorkerStats::add(stats_.handler_errors, 1);
         close_connection(*c);
         return op_done_check(*c);
@@ -286,7 +322,7 @@ void Worker::op_done_check(Connection& c) {
         std::fprintf(stderr, "iocpnative: connection %llu closed\n",
                      static_cast<unsigned long long>(c.id));
     }
-    if (handler_ != nullptr && !handler_->on_disconnect(c.id)) {
+    if (handler_ != nullptr && !handler_says(c.id, [&] { return handler_->on_disconnect(c.id); })) {
         WorkerStats::add(stats_.handler_errors, 1);
     }
     table_.remove(&c);

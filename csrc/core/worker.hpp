@@ -9,7 +9,9 @@
 // This is the seed's WorkerThread, written once for every backend.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <vector>
 
@@ -43,6 +45,21 @@ class Worker {
     void on_send(Connection& c, IoData& io, int64_t result);
     void stage_chunk(Connection& c, IoData& io, int64_t result);
     void finish_chunk(DataChunk& chunk, Connection& c, IoData& io);
+    size_t fail_first_unhandled(size_t from, size_t k, const char* what);
+    // A handler's on_connect/on_disconnect: an exception it throws counts as "false" (a handler
+    // error), logged, instead of stopping this worker.
+    template <class Call>
+    bool handler_says(uint64_t conn_id, Call&& call) {
+        try {
+            return call();
+        } catch (const std::exception& e) {
+            log_handler_exception(conn_id, e.what());
+        } catch (...) {
+            log_handler_exception(conn_id, "unknown exception");
+        }
+        return false;
+    }
+    static void log_handler_exception(uint64_t conn_id, const char* what);
     bool fill_from_pending(Connection& c, IoData& io);
     void post_recv(Connection& c);
     void post_send(Connection& c, IoData& io);

@@ -10,6 +10,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -129,6 +131,78 @@ TEST_CASE(handler_error_closes_only_its_connection) {
         srv.stop(5.0);
         ASSERT_EQ(h->connects.load(), 2);
         ASSERT_EQ(h->disconnects.load(), 2);
+        expect_pool_freed(srv);
+    });
+}
+
+// A C++ handler that throws: 'T' in the data throws std::runtime_error, 'B' std::bad_alloc;
+// on_connect throws while connect_throws is set, on_disconnect while disconnect_throws is.
+class Thrower final : public DataHandler {
+  public:
+    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
+        const std::string in(data, len);
+        if (in.find('T') != std::string::npos) throw std::runtime_error("T in the data");
+        if (in.find('B') != std::string::npos) throw std::bad_alloc();
+        out = in;
+        return true;
+    }
+    bool on_connect(uint64_t, const std::string&) override {
+        if (connect_throws.load()) throw std::runtime_error("refused by on_connect");
+        return true;
+    }
+    bool on_disconnect(uint64_t) override {
+        disconnects.fetch_add(1);
+        if (disconnect_throws.load()) throw std::runtime_error("on_disconnect failed");
+        return true;
+    }
+    std::atomic<bool> connect_throws{false}, disconnect_throws{false};
+    std::atomic<int64_t> disconnects{0};
+};
+
+size_t recv_or_reset(Client& c, char* buf, size_t n) {
+    try {
+        return c.recv(buf, n);
+    } catch (const SystemError&) {
+        return 0;  // a reset is as good as EOF here
+    }
+}
+
+// An exception out of a handler used to escape the worker's loop: the worker stopped for good
+// (later clients hung), and the staged buffers and connections stayed in use after stop(). Now it
+// counts as a handler error on that connection alone.
+TEST_CASE(handler_exceptions_close_only_their_connection) {
+    return for_each_backend([](const std::string& backend) {
+        auto h = std::make_shared<Thrower>();
+        ServerConfig cfg = config_for(backend, 4096);
+        cfg.workers = 1;  // one worker: if it died, nothing would answer
+        Server srv(cfg, h);
+        srv.start();
+        Client good("127.0.0.1", srv.port(), 10.0);
+        char back[8];
+        good.request("ok", 2, back);
+        for (const char* poison : {"xT", "B"}) {
+            Client bad("127.0.0.1", srv.port(), 10.0);
+            bad.send(poison, std::strlen(poison));
+            ASSERT_EQ(recv_or_reset(bad, back, sizeof(back)), size_t{0});
+            good.request("go", 2, back);
+            ASSERT_TRUE(std::memcmp(back, "go", 2) == 0);
+        }
+        h->connect_throws = true;
+        {
+            Client refused("127.0.0.1", srv.port(), 10.0);
+            ASSERT_EQ(recv_or_reset(refused, back, sizeof(back)), size_t{0});
+        }
+        h->connect_throws = false;
+        // Two poisoned connections and the refused one, all closed and gone.
+        wait_until([&] { return srv.stats().handler_errors == 3 && h->disconnects.load() == 3; });
+        h->disconnect_throws = true;
+        good.close();
+        wait_until([&] { return srv.stats().handler_errors == 4; });
+        Client after("127.0.0.1", srv.port(), 10.0);
+        after.request("end", 3, back);
+        ASSERT_TRUE(std::memcmp(back, "end", 3) == 0);
+        srv.stop(5.0);
+        ASSERT_EQ(h->disconnects.load(), 5);
         expect_pool_freed(srv);
     });
 }
