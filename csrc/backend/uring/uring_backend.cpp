@@ -120,6 +120,8 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <exception>
+#include <utility>
 #include <vector>
 
 #include "../../core/net.hpp"
@@ -234,6 +236,7 @@ class UringPoller final : public Poller {
     }
 
     int wait(Event* out, int max, int timeout_ms) override {
+        if (deferred_error_) std::rethrow_exception(std::exchange(deferred_error_, nullptr));
         // The first call runs on the worker thread: it becomes the ring's single issuer.
         ring_.enable();
         grow_if_short();
@@ -530,7 +533,14 @@ class UringPoller final : public Poller {
         int n = 0;
         for (; i < avail && n < max; ++i) {
             const io_uring_cqe cqe = ring_.cqe(i);
-            if (on_cqe(cqe, out[n])) ++n;
+            try {
+                if (on_cqe(cqe, out[n])) ++n;
+            } catch (...) {
+                // Thrown out of here, the error would lose the events already in `out` and leave
+                // the ring's head where it was, so that the worker's recovery handled these CQEs
+                // twice. The CQE counts as handled; the error reaches the worker on the next wait.
+                if (!deferred_error_) deferred_error_ = std::current_exception();
+            }
         }
         ring_.consume(i);
         return n;
@@ -872,6 +882,7 @@ class UringPoller final : public Poller {
     bool multishot_recv_ = true;
     bool multi_seen_ = false;  // a multishot recv has produced a CQE with IORING_CQE_F_MORE
     bool stopping_ = false;
+    std::exception_ptr deferred_error_;  // thrown while reaping; rethrown by the next wait()
     bool accept_inflight_ = false;
     bool wake_inflight_ = false;
     bool sends_queued_ = false;  // a send was queued since wait() last submitted
