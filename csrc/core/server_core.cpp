@@ -258,7 +258,7 @@ uint16_t Server::port() const {
 const std::string& Server::host() const {
     return core_->config().host;
 }
-const std::string& Server::backend() const {
+std::string Server::backend() const {
     return core_->backend_name();
 }
 int Server::workers() const {

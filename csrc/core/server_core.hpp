@@ -39,9 +39,20 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
 
     enum class State { Idle, Running, Stopping, Stopped };
     State state() const;
-    uint16_t port() const { return port_; }
-    const std::string& backend_name() const { return backend_name_; }
-    int worker_count() const { return worker_count_; }
+    // Written by start(); read under mu_ so that a thread asking while another starts the
+    // server sees the values before or after, never half a string.
+    uint16_t port() const {
+        std::lock_guard<std::mutex> g(mu_);
+        return port_;
+    }
+    std::string backend_name() const {
+        std::lock_guard<std::mutex> g(mu_);
+        return backend_name_;
+    }
+    int worker_count() const {
+        std::lock_guard<std::mutex> g(mu_);
+        return worker_count_;
+    }
 
   private:
     void free_resources();

@@ -61,8 +61,8 @@ class Server {
     bool running() const;
     uint16_t port() const;  // the bound port (after start)
     const std::string& host() const;
-    const std::string& backend() const;  // resolved name (after start), else the requested one
-    int workers() const;                 // resolved count
+    std::string backend() const;  // resolved name (after start), else the requested one
+    int workers() const;          // resolved count
     ServerStats stats() const;
 
   private:
