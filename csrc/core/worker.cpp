@@ -158,8 +158,11 @@ void Worker::dispatch(const Event& ev) {
 
 void Worker::on_accepted(socket_t s) {
     auto& active = core_.active_connections();
-    if (draining_ || active.load(std::memory_order_relaxed) >=
+    // The slot is taken before the check (and given back on a rejection), so that workers
+    // accepting at the same moment cannot together go past max_connections.
+    if (draining_ || active.fetch_add(1, std::memory_order_relaxed) >=
                          static_cast<int64_t>(core_.config().max_connections)) {
+        if (!draining_) active.fetch_sub(1, std::memory_order_relaxed);
         // Accepted and closed at once: the peer sees EOF instead of waiting in a queue. Counted
         // first, so that a peer which has seen the EOF also sees the count.
         if (!draining_) WorkerStats::add(stats_.rejected_connections, 1);
@@ -168,6 +171,7 @@ void Worker::on_accepted(socket_t s) {
     }
     Connection* c = new (std::nothrow) Connection();
     if (c == nullptr) {
+        active.fetch_sub(1, std::memory_order_relaxed);
         WorkerStats::add(stats_.rejected_connections, 1);
         net::close_socket(s);
         return;
@@ -179,12 +183,12 @@ void Worker::on_accepted(socket_t s) {
     net::set_nodelay(s);
     const int err = poller_->attach(*c);
     if (err != 0) {
+        active.fetch_sub(1, std::memory_order_relaxed);
         WorkerStats::add(stats_.rejected_connections, 1);
         net::close_socket(s);
         delete c;
         return;
     }
-    active.fetch_add(1, std::memory_order_relaxed);
     WorkerStats::add(stats_.total_connections, 1);
     table_.add(c);
     if (core_.config().verbose) log_connect(*c);
