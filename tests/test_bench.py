@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -196,9 +197,32 @@ def test_fixed_rate_is_roughly_achieved() -> None:
     assert 0.9 * 2000 <= r.requests_per_s <= 1.1 * 2000
 
 
+def test_rate_beyond_the_client_ends_on_time() -> None:
+    """A rate the client cannot offer runs saturated for the duration asked, not longer (the
+    schedule used to visit every missed slot, past the end of the run)."""
+    t0 = time.monotonic()
+    r = bench(connections=2, duration=0.5, warmup=0, rate=1e9, workers=1)
+    assert time.monotonic() - t0 < 5.0
+    assert r.errors == 0, r.first_error
+    assert r.round_trips > 0 and r.duration_s == pytest.approx(0.5, abs=0.1)
+
+
+def test_fixed_rate_with_a_silent_server_is_an_error() -> None:
+    """At a fixed rate a server that answers nothing in the window is stalled, as without one."""
+    with broken_echo("drop") as port:
+        r = bench("127.0.0.1", port, connections=2, duration=0.3, warmup=0, rate=100,
+                  connect_timeout=1.0)  # fmt: skip
+    assert r.round_trips == 0
+    assert r.errors > 0 and r.error_kinds["stalled"] > 0
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"duration": 1e10},  # seconds beyond 1e6 overflowed the native nanosecond clock
+        {"warmup": 1e300},
+        {"connect_timeout": 2e6},
+        {"rate": 1e11},
         {"connections": 0},
         {"size": 0},
         {"duration": 0},
@@ -226,6 +250,8 @@ def test_bad_values_rejected(kwargs: dict) -> None:
         ["--size", "-1"],
         ["--duration", "0"],
         ["--rate", "0"],
+        ["--rate", "1e12"],
+        ["--duration", "1e10"],
         ["--threads", "0"],
         ["--host", "127.0.0.1", "--port", "1", "--workers", "2"],
     ],

@@ -91,23 +91,25 @@ void validate(const LoadConfig& cfg) {
     if (cfg.size < 1 || cfg.size > (size_t{64} << 20)) {
         bad("size must be in 1..67108864 bytes, got " + std::to_string(cfg.size));
     }
-    if (!finite_at_least(cfg.duration_s, 0.0) || cfg.duration_s <= 0.0) {
-        bad("duration must be a finite number of seconds > 0");
+    const auto seconds = [&](double v, bool zero_ok, const char* name) {
+        if (!finite_at_least(v, 0.0) || (v == 0.0 && !zero_ok) || v > kMaxLoadSeconds) {
+            bad(std::string(name) + " must be a number of seconds " + (zero_ok ? ">= 0" : "> 0") +
+                " and <= " + std::to_string(static_cast<long>(kMaxLoadSeconds)));
+        }
+    };
+    seconds(cfg.duration_s, false, "duration");
+    seconds(cfg.warmup_s, true, "warmup");
+    if (!finite_at_least(cfg.rate, 0.0) || cfg.rate > kMaxLoadRate) {
+        bad("rate must be a number of round trips/s >= 0 and <= 1e9 (0: as fast as possible)");
     }
-    if (!finite_at_least(cfg.warmup_s, 0.0)) bad("warmup must be a finite number of seconds >= 0");
-    if (!finite_at_least(cfg.rate, 0.0)) bad("rate must be a finite number of round trips/s >= 0");
     if (cfg.threads < 1 || cfg.threads > 256) {
         bad("threads must be in 1..256, got " + std::to_string(cfg.threads));
     }
     if (cfg.pipeline < 1 || cfg.pipeline > 1024) {
         bad("pipeline must be in 1..1024, got " + std::to_string(cfg.pipeline));
     }
-    if (!finite_at_least(cfg.connect_timeout_s, 0.0) || cfg.connect_timeout_s <= 0.0) {
-        bad("connect_timeout must be a finite number of seconds > 0");
-    }
-    if (!finite_at_least(cfg.stall_timeout_s, 0.0) || cfg.stall_timeout_s <= 0.0) {
-        bad("stall_timeout must be a finite number of seconds > 0");
-    }
+    seconds(cfg.connect_timeout_s, false, "connect_timeout");
+    seconds(cfg.stall_timeout_s, false, "stall_timeout");
 }
 
 const char* load_error_name(LoadError e) noexcept {
@@ -317,7 +319,10 @@ LoadResult merge(const LoadConfig& cfg, const loadgen::SharedRun& run, Threads& 
     r.round_trips = hist.count();
     // A server that answered the priming echo and then nothing at all has stalled, even when
     // the window was shorter than the stall timeout.
-    if (cfg.rate == 0 && r.round_trips == 0 && r.connections_open > 0 && r.window_s > 0 &&
+    // At a fixed rate, so has one that answered none of the (two or more) messages the schedule
+    // offered it in the window.
+    const bool offered = cfg.rate == 0 || cfg.rate * r.window_s >= 2.0;
+    if (offered && r.round_trips == 0 && r.connections_open > 0 && r.window_s > 0 &&
         !run.abort.load(std::memory_order_relaxed)) {
         ++r.error_counts[static_cast<size_t>(LoadError::Stalled)];
         if (r.first_error.empty()) r.first_error = "stalled: no round trip in the window";

@@ -46,6 +46,11 @@ struct LoadConfig {
     uint64_t seed = 0x10c9a71e5eedULL;
 };
 
+// Limits: times become int64 nanoseconds (a million seconds, 11.6 days, is far from overflow);
+// a billion round trips/s is beyond any one machine (the schedule only needs a period > 0).
+constexpr double kMaxLoadSeconds = 1e6;
+constexpr double kMaxLoadRate = 1e9;
+
 // Throws std::invalid_argument naming the bad field.
 void validate(const LoadConfig& cfg);
 

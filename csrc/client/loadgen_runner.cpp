@@ -321,6 +321,19 @@ int64_t Runner::slot_due(uint64_t slot) const {
 // Pokes every connection whose slot is due (try_send sends what it may) and lowers `wake` to
 // the next slot. The slots of one runner are visited in time order (the ids are increasing).
 void Runner::rate_poke(int64_t now, int64_t& wake) {
+    // Behind by more than a round of the schedule (every connection's slot came and went): each
+    // connection keeps its own count of the messages due (try_send), so one round of pokes does
+    // what visiting every missed slot did. Without the jump a rate the thread could not keep up
+    // with kept it here for good, past the end of the run and deaf to Ctrl-C.
+    const uint64_t n = conns_.size();
+    const double round_ns = period_ns_ * cfg_.connections;
+    if (now > rate_t0_) {
+        const double behind = static_cast<double>(now - rate_t0_) / round_ns;
+        if (behind >= 2.0 && behind < 1e18) {
+            const uint64_t round = static_cast<uint64_t>(behind) - 1;
+            if (cursor_ / n < round) cursor_ = round * n;
+        }
+    }
     for (;;) {
         const int64_t due = slot_due(cursor_);
         if (due > now) {

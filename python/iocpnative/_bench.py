@@ -59,12 +59,19 @@ class BenchResult:
         return asdict(self)
 
 
+# The native load generator's limits (loadgen.hpp): times become int64 nanoseconds.
+MAX_SECONDS = 1e6
+MAX_RATE = 1e9
+
+
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     v = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        op = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {op}, got {value!r}")
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero) or v > MAX_SECONDS:
+        low = ">= 0" if allow_zero else "> 0"
+        raise ValueError(
+            f"{name} must be a number of seconds {low} and <= {MAX_SECONDS:.0f}, got {value!r}"
+        )
     return v
 
 
@@ -73,8 +80,10 @@ def _check_rate(rate: object) -> float | None:
         return None
     ok = isinstance(rate, numbers.Real) and not isinstance(rate, bool)
     v = float(rate) if ok else math.nan  # type: ignore[arg-type]
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"rate must be a finite number of round trips/s > 0, got {rate!r}")
+    if not math.isfinite(v) or v <= 0 or v > MAX_RATE:
+        raise ValueError(
+            f"rate must be a number of round trips/s > 0 and <= {MAX_RATE:.0e}, got {rate!r}"
+        )
     return v
 
 
