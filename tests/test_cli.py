@@ -229,6 +229,21 @@ def test_client_unreachable_server() -> None:
     assert_one_line_error(proc, "iocpnative client: error:", "refused")
 
 
+def test_demo_checks_its_client_options_before_starting_the_server() -> None:
+    proc = run("demo", "--count", "0")
+    assert_one_line_error(proc, "count must be")
+    assert proc.stdout == ""  # no "server listening" first
+
+
+def test_demo_port_flag() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run("demo", "--port", str(port), "--count", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"server listening on 127.0.0.1:{port} " in proc.stdout, proc.stdout
+
+
 def test_server_port_in_use(make_server) -> None:
     srv = make_server()
     proc = run("server", "--port", str(srv.port))
@@ -252,6 +267,9 @@ def test_server_port_in_use(make_server) -> None:
         (["client", "--port", "70000", "--count", "1"], "port must be"),
         (["client", "--port", "6000", "--count", "0"], "count must be"),
         (["client", "--port", "6000", "--interval", "-1"], "interval must be"),
+        (["client", "--port", "6000", "--interval", "inf"], "interval must be"),  # time.sleep
+        (["client", "--port", "6000", "--interval", "nan"], "interval must be"),
+        (["demo", "--interval", "inf"], "interval must be"),
         (["client", "--port", "6000", "--timeout", "0"], "timeout must be"),
         (["demo", "--workers", "0"], "workers must be"),
     ],

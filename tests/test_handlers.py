@@ -367,6 +367,15 @@ def test_handler_arity_and_argument_checks(backend: str) -> None:
 
     with pytest.raises(ValueError, match="3 positional"):
         Server("127.0.0.1", 0, backend=backend, handler=three)
+
+    def keyword_only(*, data: bytes) -> bytes:
+        return data
+
+    # Accepted before, then every chunk failed with a TypeError and closed its connection.
+    for no_positional in (lambda: b"x", keyword_only):
+        with pytest.raises(ValueError, match="no positional"):
+            Server("127.0.0.1", 0, backend=backend, handler=no_positional)
+    Server("127.0.0.1", 0, backend=backend, handler=lambda *args: args[-1])  # *args will do
     with pytest.raises(TypeError, match="callable"):
         Server("127.0.0.1", 0, backend=backend, handler=b"not callable")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="need a handler"):
@@ -447,7 +456,117 @@ def test_cli_server_with_handler(backend: str) -> None:
     assert "handler_errors=0" in out
 
 
-@pytest.mark.parametrize("spec", ["no_colon", "iocpnative:does_not_exist", "no_such_mod_x:f"])
+def _handler_module(tmp_path, name: str, source: str) -> None:
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+
+
+def _start_cli_server(cmd: list[str], cwd) -> tuple[subprocess.Popen[str], int]:
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on 127.0.0.1:" not in line:
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"no listening line: {line!r}; stderr {err!r}")
+    return proc, int(line.split("127.0.0.1:")[1].split()[0])
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ("def f(:\n", "SyntaxError"),
+        ("raise KeyError('boom')\n", "KeyError"),
+        ("import sys\nsys.exit(3)\n", "SystemExit"),
+    ],
+)
+def test_cli_handler_module_failing_on_import(tmp_path, source: str, needle: str) -> None:
+    """A handler module that fails while being imported is a one-line usage error, not a
+    traceback (or, for sys.exit, a silent exit with the module's status)."""
+    _handler_module(tmp_path, "badh", source)
+    proc = subprocess.run(
+        [sys.executable, "-m", "iocpnative", "server", "--port", "0", "--handler", "badh:f"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "--handler badh:f" in proc.stderr and needle in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_console_script_finds_a_handler_in_the_current_directory(tmp_path) -> None:
+    """`iocpnative server --handler mod:fn` looks in the current directory, as `python -m
+    iocpnative` does (the script's own sys.path[0] is its bin/ folder)."""
+    script = os.path.join(os.path.dirname(sys.executable), "iocpnative")
+    if not os.path.exists(script):
+        pytest.skip("the iocpnative console script is not installed (running from the sources)")
+    _handler_module(tmp_path, "cwdhandler", "def shout(data):\n    return data.upper()\n")
+    proc, port = _start_cli_server(
+        [script, "server", "--port", "0", "--workers", "1", "--handler", "cwdhandler:shout"],
+        cwd=tmp_path,
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+            s.sendall(b"from cwd")
+            assert recv_exactly(s, 8) == b"FROM CWD"
+        wait_for(lambda: _catches(proc.pid, signal.SIGTERM), "the SIGTERM handler")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("abandon", [False, True], ids=["wait", "abandon"])
+def test_cli_server_stopped_while_a_handler_blocks(tmp_path, abandon: bool) -> None:
+    """Ctrl-C while a handler runs longer than the 5 s stop: the CLI says it waits for it, then
+    stops with the final stats (exit 0); a second Ctrl-C abandons it (exit 1) at once. Before:
+    an error telling a CLI user to "call stop() again", and a traceback on the second Ctrl-C."""
+    _handler_module(
+        tmp_path, "slowh",
+        """
+        import pathlib, time
+        def slow(data):
+            pathlib.Path("started").touch()
+            time.sleep(7)
+            return data
+        """,
+    )  # fmt: skip
+    cmd = [sys.executable, "-m", "iocpnative", "server", "--port", "0", "--workers", "1"]
+    proc, port = _start_cli_server([*cmd, "--handler", "slowh:slow"], cwd=tmp_path)
+    try:
+        wait_for(lambda: _catches(proc.pid, signal.SIGINT), "the SIGINT handler")
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+            s.sendall(b"slow")
+            wait_for(lambda: (tmp_path / "started").exists(), "the handler to start")
+            proc.send_signal(signal.SIGINT)
+            assert proc.stderr is not None
+            line = proc.stderr.readline()
+            assert "waiting for a handler to return" in line, line
+            t0 = time.monotonic()
+            if abandon:
+                proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+            elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    if abandon:
+        assert proc.returncode == 1, err
+        assert "abandoned" in err and elapsed < 2.5, (err, elapsed)
+    else:
+        assert proc.returncode == 0, err
+        assert "final stats:" in out and "pool_in_use=0" in out, out
+
+
+@pytest.mark.parametrize(
+    "spec", ["no_colon", "iocpnative:does_not_exist", "no_such_mod_x:f", ".relative:f"]
+)
 def test_cli_bad_handler_spec(spec: str) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "iocpnative", "server", "--port", "0", "--handler", spec],

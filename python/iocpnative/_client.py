@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -76,6 +77,20 @@ class Client:
             native.close()
 
 
+def check_client_loop_args(interval: object, count: object) -> None:
+    """ValueError for an interval that is not a finite number of seconds >= 0 (time.sleep cannot
+    take inf, and nan would fail only after the first reply) or a count that is not >= 1."""
+    if (
+        isinstance(interval, bool)
+        or not isinstance(interval, int | float)
+        or not math.isfinite(interval)
+        or interval < 0
+    ):
+        raise ValueError(f"interval must be a finite number of seconds >= 0, got {interval!r}")
+    if count is not None:
+        check_positive_int("count", count)
+
+
 def run_client_loop(
     host: str = "127.0.0.1",
     port: int = 6000,
@@ -90,8 +105,7 @@ def run_client_loop(
     Each reply is passed to ``on_reply(n, reply)`` (default: print ``Recv: No:n``). Runs
     ``count`` times, or forever when ``count`` is None. Returns the number of replies received.
     """
-    if isinstance(interval, bool) or not isinstance(interval, int | float) or interval < 0:
-        raise ValueError(f"interval must be a number of seconds >= 0, got {interval!r}")
+    check_client_loop_args(interval, count)
     if count is not None:
         count = check_positive_int("count", count)
     received = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from typing import Any
 from . import __version__
 from ._backends import backend_statuses
 from ._bench_cli import add_bench_parser
-from ._client import run_client_loop
+from ._client import check_client_loop_args, run_client_loop
 from ._crash import enable_crash_dumps
 from ._server import (
     DEFAULT_BATCH_WAIT_US,
@@ -34,9 +35,14 @@ def _print_stats(stats: ServerStats, file=None) -> None:
     print("final stats: " + " ".join(f"{k}={v}" for k, v in stats.as_dict().items()), file=out)
 
 
-def _add_server_options(p: argparse.ArgumentParser) -> None:
+def _add_server_options(p: argparse.ArgumentParser, default_port: int = 6000) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=6000, help="port (0 = any free port; default 6000)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=default_port,
+        help=f"port (0 = any free port; default {default_port})",
+    )
     p.add_argument("--workers", type=int, default=None, help="worker threads (default: CPUs)")
     p.add_argument(
         "--backend",
@@ -63,12 +69,18 @@ def _load_callable(spec: str) -> Callable[..., Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValueError(f"--handler must be module:function, got {spec!r}")
+    # The console script's sys.path[0] is its bin/ folder, not the current directory that
+    # `python -m iocpnative` puts there: look in the current directory the same way.
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
         for part in attr.split("."):
             obj = getattr(obj, part)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"--handler {spec}: {e}") from e
+    except (Exception, SystemExit) as e:  # the module failed while being imported
+        raise ValueError(f"--handler {spec}: importing it raised {type(e).__name__}: {e}") from e
     if not callable(obj):
         raise ValueError(f"--handler {spec} is not callable")
     return obj
@@ -104,12 +116,35 @@ def cmd_server(args: argparse.Namespace) -> int:
         )
 
     # Announced only once SIGINT/SIGTERM are handled, so a signal right after it stops cleanly.
-    srv.serve_forever(ready=announce)
+    try:
+        srv.serve_forever(ready=announce)
+    except TimeoutError:
+        # A handler is still running (stop() waited 5 s): wait for it, unless told not to.
+        print(
+            "iocpnative server: waiting for a handler to return (Ctrl-C again to abandon it)",
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            while True:
+                try:
+                    srv.stop(timeout=1.0)
+                    break
+                except TimeoutError:
+                    continue
+        except KeyboardInterrupt:
+            print("iocpnative server: abandoned with a handler still running", file=sys.stderr)
+            _print_stats(srv.stats(), file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Python would wait for the handler at exit (it runs on a native worker thread).
+            os._exit(EXIT_ERROR)
     _print_stats(srv.stats())
     return 0
 
 
 def cmd_client(args: argparse.Namespace) -> int:
+    check_client_loop_args(args.interval, args.count)
     n = run_client_loop(
         args.host, args.port, interval=args.interval, count=args.count, timeout=args.timeout
     )
@@ -118,7 +153,8 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    with _make_server(args, port=0) as srv:
+    check_client_loop_args(args.interval, args.count)  # before the server starts
+    with _make_server(args) as srv:
         print(f"server listening on {srv.host}:{srv.port} (backend {srv.backend})", flush=True)
         n = run_client_loop(srv.host, srv.port, interval=args.interval, count=args.count)
         print(f"client received {n} of {args.count} replies", flush=True)
@@ -174,9 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     p.set_defaults(func=cmd_client)
 
-    p = sub.add_parser("demo", help="server on a free port + client loop + stats, in one command")
-    _add_server_options(p)
-    p.set_defaults(port=0)
+    p = sub.add_parser("demo", help="server + client loop + stats, in one command")
+    _add_server_options(p, default_port=0)
     p.add_argument("--count", type=int, default=3)
     p.add_argument("--interval", type=float, default=0.2)
     p.set_defaults(func=cmd_demo)
