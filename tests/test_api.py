@@ -173,6 +173,8 @@ def test_stop_is_idempotent_and_fine_before_start(make_server) -> None:
         ({"backend": "kqueue"}, "backend must be one of .*epoll"),
         ({"backend": None}, "backend must be one of"),
         ({"host": ""}, "host must be a non-empty string"),
+        ({"host": "127.0.0.1\x00junk"}, "host must not contain a NUL"),  # bound 127.0.0.1
+        ({"verbose": "no"}, "verbose must be True or False"),  # a non-empty string was True
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs: dict, message: str) -> None:
@@ -189,6 +191,14 @@ def test_backend_not_available_here_names_the_usable_ones() -> None:
             iocpnative.Server(port=0, backend=name)
         for usable in iocpnative.available_backends():
             assert usable in str(info.value)
+
+
+def test_serve_forever_poll_interval_is_checked_before_starting() -> None:
+    srv = iocpnative.Server(port=0)
+    for bad in (-1, 0, math.nan, "x"):  # -1 and 0 busy-spun; "x" failed after the start
+        with pytest.raises(ValueError, match="poll_interval must be"):
+            srv.serve_forever(poll_interval=bad)  # type: ignore[arg-type]
+        assert not srv.running
 
 
 def test_stop_timeout_must_be_positive(make_server) -> None:

@@ -159,7 +159,8 @@ void ServerCore::stop(double timeout_s) {
                    all_finished)) {
         throw TimeoutError("stop() timed out: " + std::to_string(total - finished_) + " of " +
                            std::to_string(total) +
-                           " workers still busy (a handler is blocking); call stop() again");
+                           " workers still busy (a handler that has not returned, or connections"
+                           " still closing); call stop() again");
     }
     if (joining_) {
         // Another stop() is joining the (finished) threads and freeing the pool; two joins of

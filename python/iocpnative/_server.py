@@ -86,7 +86,7 @@ def _takes_conn_id(fn: Callable[..., Any]) -> bool:
     signature cannot be read (some builtins) is called with the data alone.
     """
     try:
-        params = inspect.signature(fn).parameters.values()
+        params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError):
         return False
     positional = [
@@ -95,6 +95,11 @@ def _takes_conn_id(fn: Callable[..., Any]) -> bool:
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     ]
     required = [p for p in positional if p.default is inspect.Parameter.empty]
+    varargs = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)
+    if not positional and not varargs:
+        raise ValueError(
+            f"handler must take (data) or (conn_id, data), but {fn!r} takes no positional argument"
+        )
     if len(required) > 2:
         raise ValueError(
             f"handler must take (data) or (conn_id, data), but {fn!r} requires "
@@ -122,6 +127,12 @@ def _make_native_handler(
     return _native.Handler(
         handler, _takes_conn_id(handler), on_connect, on_disconnect, _report_callback_error
     )
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 @atexit.register
@@ -218,7 +229,7 @@ class Server:
             buffer_size,
             max_connections,
             idle or 0.0,
-            bool(verbose),
+            _check_bool("verbose", verbose),
             native_handler,
             batch_wait_us,
         )
@@ -241,8 +252,9 @@ class Server:
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, close every connection, drain all I/O, join the workers, free the pool.
 
-        Idempotent. Blocks until done, at most ``timeout`` seconds (``TimeoutError`` after that,
-        which only a blocking handler can cause: call ``stop()`` again once it has returned).
+        Idempotent. Blocks until done, at most ``timeout`` seconds; ``TimeoutError`` after that
+        (a handler still running, or a timeout too short for the workers to finish closing their
+        connections): call ``stop()`` again. ``running`` is False from the first call on.
         """
         t = check_timeout("timeout", timeout, allow_none=False)
         try:
@@ -261,6 +273,7 @@ class Server:
         ``ready()`` is called once the server is running with the handlers in place, so what it
         announces (e.g. "listening on ...") is true: a signal from then on stops gracefully.
         """
+        poll = check_timeout("poll_interval", poll_interval, allow_none=False)
         previous: dict[int, Any] = {}
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -274,7 +287,7 @@ class Server:
                 self.start()
             if ready is not None:
                 ready()
-            while not self._stop_event.wait(poll_interval):
+            while not self._stop_event.wait(poll):
                 if not self.running:
                     break
         finally:

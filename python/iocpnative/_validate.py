@@ -61,6 +61,8 @@ def check_timeout(name: str, value: object, *, allow_none: bool) -> float | None
 def check_host(host: object) -> str:
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a non-empty string, got {host!r}")
+    if "\x00" in host:  # the native side would read the name up to it and ignore the rest
+        raise ValueError(f"host must not contain a NUL character, got {host!r}")
     return host
 
 
