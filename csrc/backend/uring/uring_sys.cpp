@@ -9,10 +9,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "iocpnative/errors.hpp"
 
@@ -129,10 +135,38 @@ Features features_from_env() {
     Features f;
     const char* v = std::getenv("IOCPNATIVE_URING_DISABLE");
     if (v == nullptr) return f;
-    const std::string s = v;
+    // A comma list, spaces and case ignored; a name we do not know is reported once per process
+    // (a typo would otherwise leave the feature on without a word).
+    static const char* const kKnown[] = {"all",          "defer_taskrun",  "single_issuer",
+                                         "coop_taskrun", "submit_all",     "multishot_accept",
+                                         "pbuf_ring",    "multishot_recv", "min_wait",
+                                         "poll"};
+    std::vector<std::string> names;
+    std::string cur;
+    for (const char* p = v;; ++p) {
+        if (*p == ',' || *p == '\0') {
+            if (!cur.empty()) names.push_back(cur);
+            cur.clear();
+            if (*p == '\0') break;
+        } else if (!std::isspace(static_cast<unsigned char>(*p))) {
+            cur += static_cast<char>(std::tolower(static_cast<unsigned char>(*p)));
+        }
+    }
+    static std::atomic<bool> warned{false};
+    for (const std::string& n : names) {
+        const bool known = std::any_of(std::begin(kKnown), std::end(kKnown),
+                                       [&](const char* k) { return n == k; });
+        if (!known && !warned.exchange(true)) {
+            std::fprintf(stderr,
+                         "iocpnative: IOCPNATIVE_URING_DISABLE: unknown name '%s' ignored (known: "
+                         "all, defer_taskrun, single_issuer, coop_taskrun, submit_all, "
+                         "multishot_accept, pbuf_ring, multishot_recv, min_wait, poll)\n",
+                         n.c_str());
+        }
+    }
+    const bool all = std::find(names.begin(), names.end(), "all") != names.end();
     auto off = [&](const char* name) {
-        return s == "all" ||
-               (',' + s + ',').find(std::string(",") + name + ",") != std::string::npos;
+        return all || std::find(names.begin(), names.end(), name) != names.end();
     };
     f.defer_taskrun = !off("defer_taskrun");
     f.single_issuer = !off("single_issuer");
