@@ -66,7 +66,7 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
     int err = ECONNREFUSED;
     bool timed_out = false;
     for (addrinfo* ai = res; ai != nullptr && sock_ == kInvalidSocket; ai = ai->ai_next) {
-        socket_t s = ::socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        socket_t s = net::open_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (s == kInvalidSocket) {
             err = last_socket_error();
             continue;

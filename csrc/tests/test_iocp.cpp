@@ -2,7 +2,8 @@
 // exactly once in each of the cases DESIGN.md lists, with FILE_SKIP_COMPLETION_PORT_ON_SUCCESS
 // and without it; accepts survive peers that reset before being accepted; closes requested from
 // another worker (idle timeout, stop) reach connections whose completions run anywhere; every
-// worker gets its wake-up. Each case ends with the pool freed.
+// worker gets its wake-up; no socket is inherited by a child process. Each case ends with the
+// pool freed.
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -13,6 +14,7 @@
 #include <vector>
 
 #include "backend/iocp/iocp_stats.hpp"
+#include "core/net.hpp"
 #include "iocpnative/client.hpp"
 #include "iocpnative/errors.hpp"
 #include "iocpnative/platform.hpp"
@@ -225,6 +227,98 @@ TEST_CASE(stop_reaches_every_worker_under_load) {
         std::printf("  round %d: stop took %lld ms\n", round, static_cast<long long>(ms));
         expect_pool_freed(srv);
     }
+    return 0;
+}
+
+namespace {
+
+// Kills the child when the test ends, also when an ASSERT aborts it (the job's last handle
+// then closes with the process).
+struct Child {
+    HANDLE job = nullptr;
+    HANDLE process = nullptr;
+    ~Child() {
+        if (process != nullptr) {
+            ::TerminateProcess(process, 0);
+            ::WaitForSingleObject(process, 10000);
+            ::CloseHandle(process);
+        }
+        if (job != nullptr) ::CloseHandle(job);
+    }
+};
+
+// Starts this executable suspended, inheriting every inheritable handle of this process: the
+// child never runs, but it holds what it was given until it is killed.
+void spawn_inheriting_child(Child& child) {
+    child.job = ::CreateJobObjectW(nullptr, nullptr);
+    ASSERT_TRUE(child.job != nullptr);
+    JOBOBJECT_EXTENDED_LIMIT_INFORMATION limits{};
+    limits.BasicLimitInformation.LimitFlags = JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE;
+    ASSERT_TRUE(::SetInformationJobObject(child.job, JobObjectExtendedLimitInformation, &limits,
+                                          sizeof(limits)));
+    wchar_t path[MAX_PATH];
+    ASSERT_TRUE(::GetModuleFileNameW(nullptr, path, MAX_PATH) > 0);
+    std::wstring cmd = L"\"" + std::wstring(path) + L"\"";
+    STARTUPINFOW si{};
+    si.cb = sizeof(si);
+    PROCESS_INFORMATION pi{};
+    ASSERT_TRUE(::CreateProcessW(path, &cmd[0], nullptr, nullptr, TRUE, CREATE_SUSPENDED, nullptr,
+                                 nullptr, &si, &pi));
+    child.process = pi.hProcess;
+    ::CloseHandle(pi.hThread);
+    ASSERT_TRUE(::AssignProcessToJobObject(child.job, child.process));
+}
+
+}  // namespace
+
+// A child process started with handle inheritance (Python's subprocess with close_fds=False,
+// any CreateProcess(bInheritHandles=TRUE)) while the server runs must not keep its sockets
+// alive: after stop() the port is free and the server's connections are closed.
+TEST_CASE(child_process_inherits_no_server_socket) {
+    Server srv(iocp_config(1));
+    srv.start();
+    const uint16_t port = srv.port();
+    Client cli("127.0.0.1", port, 5.0);
+    char back[2];
+    cli.request("hi", 2, back);  // the connection's server socket came from an AcceptEx
+    Child child;
+    spawn_inheriting_child(child);
+    srv.stop(10.0);
+    expect_pool_freed(srv);
+    int got = 1;  // 0: EOF or reset, as wanted; -1: timed out (the socket lives on in the child)
+    try {
+        char buf[4];
+        got = static_cast<int>(cli.recv(buf, sizeof(buf)));
+    } catch (const SystemError&) {
+        got = 0;
+    } catch (const TimeoutError&) {
+        got = -1;
+    }
+    ASSERT_EQ(got, 0);
+    int err = 0;
+    try {
+        net::Listener again = net::listen_tcp("127.0.0.1", port, 1);
+        net::close_socket(again.sock);
+    } catch (const SystemError& e) {
+        std::printf("  %s\n", e.what());
+        err = e.code();
+    }
+    ASSERT_EQ(err, 0);  // EADDRINUSE: the listener lives on in the child
+    return 0;
+}
+
+TEST_CASE(sockets_are_not_inheritable) {
+    net::ensure_initialized();
+    const socket_t s = net::open_socket(AF_INET, SOCK_STREAM, IPPROTO_TCP);
+    ASSERT_TRUE(s != kInvalidSocket);
+    DWORD flags = 0;
+    ASSERT_TRUE(::GetHandleInformation(reinterpret_cast<HANDLE>(s), &flags));
+    ASSERT_EQ(flags & HANDLE_FLAG_INHERIT, DWORD{0});
+    net::close_socket(s);
+    net::Listener l = net::listen_tcp("127.0.0.1", 0, 1);
+    ASSERT_TRUE(::GetHandleInformation(reinterpret_cast<HANDLE>(l.sock), &flags));
+    ASSERT_EQ(flags & HANDLE_FLAG_INHERIT, DWORD{0});
+    net::close_socket(l.sock);
     return 0;
 }
 

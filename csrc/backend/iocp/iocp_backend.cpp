@@ -1,5 +1,5 @@
 // IOCP backend, shared part: the completion port, the listener and its AcceptEx operations.
-// Windows 7 or later (see iocp_backend.hpp); wine >= 7.
+// Windows 7 SP1 or later (see iocp_backend.hpp); wine >= 7.
 //
 // Accepts: several AcceptEx operations are posted up front with a receive length of 0, so each
 // completes as soon as a connection arrives rather than waiting for its first bytes (a client
@@ -188,8 +188,7 @@ void IocpBackend::start_accepting() {
 bool IocpBackend::post_accept(IoData& io) {
     char* addresses = address_slots_[io.offset].get();
     for (int attempt = 0; attempt < kAcceptResetRetries; ++attempt) {
-        const socket_t s =
-            ::WSASocketW(family_, SOCK_STREAM, IPPROTO_TCP, nullptr, 0, WSA_FLAG_OVERLAPPED);
+        const socket_t s = net::open_socket(family_, SOCK_STREAM, IPPROTO_TCP);
         if (s == INVALID_SOCKET) {
             log_error("WSASocketW for AcceptEx", static_cast<unsigned long>(::WSAGetLastError()));
             break;

@@ -1,7 +1,8 @@
 // IOCP backend, shared part: one completion port for all workers, the listener's pre-posted
 // AcceptEx operations, and the per-connection locks that make cross-thread closes safe.
-// Windows 7 / Server 2008 R2 or later (GetQueuedCompletionStatusEx and CancelIoEx: Vista;
-// SetFileCompletionNotificationModes: Vista); wine >= 7 for the tests run here.
+// Windows 7 SP1 / Server 2008 R2 SP1 or later (GetQueuedCompletionStatusEx and CancelIoEx: Vista;
+// SetFileCompletionNotificationModes: Vista; WSA_FLAG_NO_HANDLE_INHERIT in net::open_socket:
+// 7 SP1); wine >= 7 for the tests run here.
 //
 // Threads: every worker waits on the same port, so a connection's completions may be handled on
 // any worker (asio's win_iocp_io_context, libuv's uv_loop on Windows use one port the same way).

@@ -1,5 +1,5 @@
 // IOCP backend, per-worker part: GetQueuedCompletionStatusEx and the overlapped WSARecv/WSASend.
-// Windows 7 or later (see iocp_backend.hpp); wine >= 7.
+// Windows 7 SP1 or later (see iocp_backend.hpp); wine >= 7.
 //
 // Exactly one Event per posted operation (backend.hpp), in each of the cases Windows has
 // (DESIGN.md; libuv's UV_SUCCEEDED_WITHOUT_IOCP and CPython's Modules/overlapped.c handle the
