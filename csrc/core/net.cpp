@@ -79,6 +79,10 @@ int errno_from_native(int native) noexcept {
             return ECONNRESET;
         case ERROR_NOT_ENOUGH_MEMORY:
             return ENOMEM;
+        // What an AcceptEx completion reports under wine when no descriptor is left (WSASocketW
+        // reports WSAEMFILE for the same).
+        case ERROR_TOO_MANY_OPEN_FILES:
+            return EMFILE;
         case ERROR_NETNAME_DELETED:
             return ECONNRESET;
         case ERROR_CONNECTION_REFUSED:

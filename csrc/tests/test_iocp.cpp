@@ -48,6 +48,7 @@ CompletionPaths delta(const CompletionPaths& a, const CompletionPaths& b) {
     d.packets = b.packets - a.packets;
     d.accepts_completed = b.accepts_completed - a.accepts_completed;
     d.accept_resets = b.accept_resets - a.accept_resets;
+    d.accept_pauses = b.accept_pauses - a.accept_pauses;
     d.wakeups_forwarded = b.wakeups_forwarded - a.wakeups_forwarded;
     return d;
 }
@@ -55,11 +56,12 @@ CompletionPaths delta(const CompletionPaths& a, const CompletionPaths& b) {
 void print(const CompletionPaths& d) {
     std::printf(
         "  pending=%lld inline_success=%lld success_with_packet=%lld failed_at_once=%lld "
-        "packets=%lld accepts=%lld accept_resets=%lld wakeups_forwarded=%lld\n",
+        "packets=%lld accepts=%lld accept_resets=%lld accept_pauses=%lld wakeups_forwarded=%lld\n",
         static_cast<long long>(d.pending), static_cast<long long>(d.inline_success),
         static_cast<long long>(d.success_with_packet), static_cast<long long>(d.failed_at_once),
         static_cast<long long>(d.packets), static_cast<long long>(d.accepts_completed),
-        static_cast<long long>(d.accept_resets), static_cast<long long>(d.wakeups_forwarded));
+        static_cast<long long>(d.accept_resets), static_cast<long long>(d.accept_pauses),
+        static_cast<long long>(d.wakeups_forwarded));
 }
 
 void set_skip_mode(bool on) {
@@ -319,6 +321,167 @@ TEST_CASE(sockets_are_not_inheritable) {
     ASSERT_TRUE(::GetHandleInformation(reinterpret_cast<HANDLE>(l.sock), &flags));
     ASSERT_EQ(flags & HANDLE_FLAG_INHERIT, DWORD{0});
     net::close_socket(l.sock);
+    return 0;
+}
+
+namespace {
+
+bool under_wine() {
+    const HMODULE ntdll = ::GetModuleHandleW(L"ntdll.dll");
+    return ntdll != nullptr && ::GetProcAddress(ntdll, "wine_get_version") != nullptr;
+}
+
+// Waits until the server has no connection left; returns its pool's IoData in use then, which
+// are its accepts (posted or parked).
+int64_t wait_for_no_connections(const Server& srv) {
+    for (int i = 0; i < 500 && srv.stats().active_connections != 0; ++i) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    const ServerStats st = srv.stats();
+    ASSERT_EQ(st.active_connections, 0);
+    return st.pool_in_use;
+}
+
+// Sends one byte and reads its echo, waiting at most 10 s.
+bool echoes(socket_t s) {
+    DWORD ms = 10000;
+    ::setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, reinterpret_cast<const char*>(&ms), sizeof(ms));
+    char c = 'x';
+    if (::send(s, &c, 1, 0) != 1) return false;
+    c = 0;
+    return ::recv(s, &c, 1, 0) == 1 && c == 'x';
+}
+
+// Runs a server out of sockets while connections arrive. Wine gives every socket a Unix
+// descriptor, so taking every socket it will give (up to RLIMIT_NOFILE, about 20,000 here, in
+// a few seconds) makes WSASocketW and the AcceptEx completions fail for real; Windows has no
+// limit that low. The sockets come from the whole wine prefix (one wineserver): the tests that
+// use this are RUN_SERIAL in CMake.
+class SocketsRunOut {
+  public:
+    // Skips (returns false) when not under wine or when the sockets did not run out.
+    bool start(const Server& srv) {
+        if (!under_wine()) {
+            std::printf("  not under wine: no socket limit low enough to reach, skipped\n");
+            return false;
+        }
+        // Made before the sockets run out: connecting them needs no new socket afterwards.
+        for (int i = 0; i < 6; ++i) {
+            peers_.push_back(net::open_socket(AF_INET, SOCK_STREAM, IPPROTO_TCP));
+            ASSERT_TRUE(peers_.back() != kInvalidSocket);
+        }
+        int err = 0;
+        const auto t0 = std::chrono::steady_clock::now();
+        while (taken_.size() < 100000 &&
+               std::chrono::steady_clock::now() - t0 < std::chrono::seconds(30)) {
+            const socket_t s = net::open_socket(AF_INET, SOCK_STREAM, IPPROTO_TCP);
+            if (s == kInvalidSocket) {
+                err = ::WSAGetLastError();
+                break;
+            }
+            taken_.push_back(s);
+        }
+        std::printf("  %zu sockets taken, then error %d\n", taken_.size(), err);
+        if (err == 0) {
+            std::printf("  the sockets did not run out within this test's limits, skipped\n");
+            return false;
+        }
+        ASSERT_EQ(err, WSAEMFILE);
+        // More connections than accepts posted (4): each accept completes or fails, and none
+        // can be posted again while the sockets are all taken. Several pauses go by meanwhile.
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_port = htons(srv.port());
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        for (socket_t s : peers_) {
+            ASSERT_EQ(::connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(500));
+        return true;
+    }
+    void give_back() {
+        for (socket_t s : taken_) net::close_socket(s);
+        taken_.clear();
+    }
+    const std::vector<socket_t>& peers() const { return peers_; }
+    ~SocketsRunOut() {
+        give_back();
+        for (socket_t s : peers_) net::close_socket(s);
+    }
+
+  private:
+    std::vector<socket_t> peers_;
+    std::vector<socket_t> taken_;
+};
+
+}  // namespace
+
+// An accept that could not be posted again (WSASocketW failed) or that failed itself must be
+// posted again once sockets are there, not be lost: with every accept lost, the server
+// accepted nothing more while it still ran.
+TEST_CASE(accepts_resume_after_sockets_ran_out) {
+    const CompletionPaths before = iocp::completion_paths();
+    Server srv(iocp_config(1));
+    srv.start();
+    {
+        Client warm("127.0.0.1", srv.port(), 10.0);  // the accepts are posted by now
+        char back[2];
+        warm.request("hi", 2, back);
+    }
+    const int64_t accepts = wait_for_no_connections(srv);
+    ASSERT_GT(accepts, 0);
+    SocketsRunOut run_out;
+    if (!run_out.start(srv)) {
+        srv.stop(10.0);
+        return testh::kSkip;
+    }
+    run_out.give_back();
+    // Accepting again within a few pauses: every waiting peer is served, and new ones too.
+    for (socket_t s : run_out.peers()) ASSERT_TRUE(echoes(s));
+    for (int i = 0; i < 5; ++i) {
+        Client cli("127.0.0.1", srv.port(), 10.0);
+        char back[6];
+        cli.request("again!", 6, back);
+        ASSERT_TRUE(std::memcmp(back, "again!", 6) == 0);
+    }
+    // No accept was lost. One that could not be posted used to go back to the pool, and the
+    // server went on with fewer (here 1 of 4 left; the survivor failed again and again).
+    for (socket_t s : run_out.peers()) ::shutdown(s, SD_SEND);
+    ASSERT_EQ(wait_for_no_connections(srv), accepts);
+    srv.stop(10.0);
+    expect_pool_freed(srv);
+    const CompletionPaths d = delta(before, iocp::completion_paths());
+    print(d);
+    ASSERT_GT(d.accept_pauses, 0);
+    // A failed accept waits out its pause instead of being posted again at once: wine fails
+    // each AcceptEx at once while no descriptor is free, and re-posting at once made over a
+    // thousand failed completions in the 0.5 s (and as many log lines); with the pause, tens.
+    ASSERT_LE(d.accepts_completed, 300);
+    return 0;
+}
+
+// stop() while accepts are parked: they are in no OS call, so stop retires them itself (no
+// completion will) and the pool is freed.
+TEST_CASE(stop_retires_parked_accepts) {
+    const CompletionPaths before = iocp::completion_paths();
+    Server srv(iocp_config(2));
+    srv.start();
+    {
+        Client warm("127.0.0.1", srv.port(), 10.0);
+        char back[2];
+        warm.request("hi", 2, back);
+    }
+    SocketsRunOut run_out;
+    if (!run_out.start(srv)) {
+        srv.stop(10.0);
+        return testh::kSkip;
+    }
+    srv.stop(10.0);  // with the sockets still all taken
+    expect_pool_freed(srv);
+    run_out.give_back();
+    const CompletionPaths d = delta(before, iocp::completion_paths());
+    print(d);
+    ASSERT_GT(d.accept_pauses, 0);
     return 0;
 }
 
