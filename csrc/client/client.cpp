@@ -47,6 +47,54 @@ constexpr int kNoWait = 0;
 constexpr int kNoWait = MSG_DONTWAIT;
 #endif  // _WIN32
 
+// Milliseconds left until deadline_ms (-1: no deadline, wait without limit), capped to fit an
+// int; throws TimeoutError once it has passed.
+int ms_left(int64_t deadline_ms, double timeout_s) {
+    if (deadline_ms < 0) return -1;
+    const int64_t left = deadline_ms - now_ms();
+    if (left <= 0) throw TimeoutError("timed out after " + std::to_string(timeout_s) + " s");
+    return static_cast<int>(std::min<int64_t>(left, int64_t{1} << 30));
+}
+
+// Waits for a non-blocking connect to finish, either way; the caller reads SO_ERROR. Returns
+// true when the OS reported a failure that SO_ERROR might not name (Windows' except set).
+// Throws TimeoutError at the deadline.
+//
+// Windows: select(), whose except set is where Winsock reports a failed connect. WSAPoll before
+// Windows 10 version 2004 does not report it at all (no POLLERR, no POLLHUP), so a refused
+// connect would wait out the whole timeout, or forever without one (ros/ros_comm#1816). Winsock's
+// fd_set is a list of handles, not a bitmap: FD_SETSIZE does not limit the handle's value.
+bool wait_connected(socket_t s, int64_t deadline_ms, double timeout_s) {
+    for (;;) {
+        const int wait = ms_left(deadline_ms, timeout_s);
+#ifdef _WIN32
+        fd_set writable, failed;
+        FD_ZERO(&writable);
+        FD_ZERO(&failed);
+        FD_SET(s, &writable);
+        FD_SET(s, &failed);
+        timeval tv{};
+        tv.tv_sec = wait / 1000;
+        tv.tv_usec = (wait % 1000) * 1000;
+        const int n = ::select(0, nullptr, &writable, &failed, wait < 0 ? nullptr : &tv);
+        if (n == SOCKET_ERROR) throw make_system_error(last_socket_error(), "select");
+        if (n == 0) continue;  // ms_left raises at the deadline
+        return FD_ISSET(s, &failed) != 0;
+#else
+        pollfd p{};
+        p.fd = s;
+        p.events = POLLOUT;
+        const int n = ::poll(&p, 1, wait);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            throw make_system_error(errno, "poll");
+        }
+        if (n == 0) continue;  // ms_left raises at the deadline
+        return false;          // a failed connect sets SO_ERROR and POLLERR together here
+#endif  // _WIN32
+    }
+}
+
 }  // namespace
 
 Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeout_s_(timeout_s) {
@@ -66,7 +114,7 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
     int err = ECONNREFUSED;
     bool timed_out = false;
     for (addrinfo* ai = res; ai != nullptr && sock_ == kInvalidSocket; ai = ai->ai_next) {
-        socket_t s = ::socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        socket_t s = net::open_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (s == kInvalidSocket) {
             err = last_socket_error();
             continue;
@@ -79,23 +127,27 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
                 net::close_socket(s);
                 continue;
             }
-            sock_ = s;  // wait_io polls sock_
-            bool r = false, w = false;
+            bool failed = false;
             try {
-                wait_io(false, true, dl, r, w);
+                failed = wait_connected(s, dl, timeout_s_);
             } catch (const TimeoutError&) {
                 net::close_socket(s);
-                sock_ = kInvalidSocket;
                 timed_out = true;
                 break;
             }
             int so_err = 0;
             socklen_t len = sizeof(so_err);
-            ::getsockopt(s, SOL_SOCKET, SO_ERROR, reinterpret_cast<char*>(&so_err), &len);
-            if (so_err != 0) {
-                err = errno_from_native(so_err);
+            if (::getsockopt(s, SOL_SOCKET, SO_ERROR, reinterpret_cast<char*>(&so_err), &len) !=
+                0) {
+                err = last_socket_error();
                 net::close_socket(s);
-                sock_ = kInvalidSocket;
+                continue;
+            }
+            err = errno_from_native(so_err);
+            // A failure reported without a code still failed: the next address is tried.
+            if (err == 0 && failed) err = ECONNREFUSED;
+            if (err != 0) {
+                net::close_socket(s);
                 continue;
             }
         }
@@ -159,14 +211,7 @@ void Client::wait_io(bool want_read, bool want_write, int64_t deadline_ms, bool&
         pollfd_t p{};
         p.fd = sock_;
         p.events = static_cast<short>((want_read ? POLLIN : 0) | (want_write ? POLLOUT : 0));
-        int wait = -1;
-        if (deadline_ms >= 0) {
-            const int64_t left = deadline_ms - now_ms();
-            if (left <= 0)
-                throw TimeoutError("timed out after " + std::to_string(timeout_s_) + " s");
-            wait = static_cast<int>(std::min<int64_t>(left, int64_t{1} << 30));
-        }
-        const int n = IOCPNATIVE_POLL(&p, 1, wait);
+        const int n = IOCPNATIVE_POLL(&p, 1, ms_left(deadline_ms, timeout_s_));
         if (n < 0) {
             const int err = last_socket_error();
             if (err == EINTR) continue;

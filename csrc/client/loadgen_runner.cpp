@@ -19,7 +19,6 @@
 #ifdef _WIN32
 #include <mswsock.h>
 #else
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/epoll.h>
@@ -219,7 +218,7 @@ void Runner::give_up_setup() {
 
 void Runner::start_connect(Conn& c) {
     const auto& addr = run_.addr;
-    socket_t s = ::socket(addr.ss_family, SOCK_STREAM, IPPROTO_TCP);
+    socket_t s = net::open_socket(addr.ss_family, SOCK_STREAM, IPPROTO_TCP);
     if (s == kInvalidSocket) {
         c.state = State::Closed;
         return count_error(LoadError::ConnectFailed,
@@ -232,7 +231,6 @@ void Runner::start_connect(Conn& c) {
     if (err != 0) return fail(c, LoadError::ConnectFailed, std::strerror(err));
     net::set_nodelay(s);
 #ifndef _WIN32
-    (void)::fcntl(s, F_SETFD, FD_CLOEXEC);
     epoll_event ev{};
     ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET;
     ev.data.ptr = &c;

@@ -9,6 +9,11 @@
 
 #ifdef _WIN32
 #include <mswsock.h>
+// Windows 7 SP1 and later (the flag is refused with WSAEINVAL before); defined here in case an
+// older MinGW-w64 header lacks it.
+#ifndef WSA_FLAG_NO_HANDLE_INHERIT
+#define WSA_FLAG_NO_HANDLE_INHERIT 0x80
+#endif  // WSA_FLAG_NO_HANDLE_INHERIT
 #else
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -74,6 +79,10 @@ int errno_from_native(int native) noexcept {
             return ECONNRESET;
         case ERROR_NOT_ENOUGH_MEMORY:
             return ENOMEM;
+        // What an AcceptEx completion reports under wine when no descriptor is left (WSASocketW
+        // reports WSAEMFILE for the same).
+        case ERROR_TOO_MANY_OPEN_FILES:
+            return EMFILE;
         case ERROR_NETNAME_DELETED:
             return ECONNRESET;
         case ERROR_CONNECTION_REFUSED:
@@ -108,6 +117,17 @@ void ensure_initialized() {
         const int rc = WSAStartup(MAKEWORD(2, 2), &data);
         if (rc != 0) throw make_system_error(errno_from_native(rc), "WSAStartup");
     });
+#endif  // _WIN32
+}
+
+// Non-inheritable from the start, not marked afterwards (SetHandleInformation, fcntl): a process
+// started by another thread between the two calls would still get the socket.
+socket_t open_socket(int family, int type, int protocol) noexcept {
+#ifdef _WIN32
+    return ::WSASocketW(family, type, protocol, nullptr, 0,
+                        WSA_FLAG_OVERLAPPED | WSA_FLAG_NO_HANDLE_INHERIT);
+#else
+    return ::socket(family, type | SOCK_CLOEXEC, protocol);  // Linux >= 2.6.27
 #endif  // _WIN32
 }
 
@@ -179,7 +199,7 @@ Listener listen_tcp(const std::string& host, uint16_t port, int backlog) {
     std::string step = "socket";
     Listener out;
     for (addrinfo* ai = res; ai != nullptr; ai = ai->ai_next) {
-        socket_t s = ::socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
+        socket_t s = open_socket(ai->ai_family, ai->ai_socktype, ai->ai_protocol);
         if (s == kInvalidSocket) {
             err = last_socket_error();
             step = "socket";
@@ -191,7 +211,6 @@ Listener listen_tcp(const std::string& host, uint16_t port, int backlog) {
                      sizeof(one));
 #else
         ::setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        ::fcntl(s, F_SETFD, FD_CLOEXEC);
 #endif  // _WIN32
         if (::bind(s, ai->ai_addr, static_cast<socklen_t>(ai->ai_addrlen)) != 0) {
             err = last_socket_error();

@@ -22,6 +22,12 @@ struct Listener {
 // SO_EXCLUSIVEADDRUSE on Windows. Throws SystemError / std::invalid_argument (unresolvable).
 Listener listen_tcp(const std::string& host, uint16_t port, int backlog);
 
+// A new socket that no child process inherits, overlapped on Windows (as socket() makes them,
+// and as IOCP needs). Every socket of the server and the client comes from here, so that a
+// process started meanwhile (subprocess, CreateProcess with inheritance) cannot keep a listener
+// bound or a connection open after we closed ours. kInvalidSocket on failure
+// (last_socket_error() says why).
+socket_t open_socket(int family, int type, int protocol) noexcept;
 void close_socket(socket_t s) noexcept;
 // Returns 0 or an errno value.
 int set_nonblocking(socket_t s, bool on) noexcept;

@@ -16,6 +16,14 @@
 #include "test_harness.hpp"
 #include "test_util.hpp"
 
+#ifdef __linux__
+#include <dirent.h>
+#include <fcntl.h>
+
+#include <cstdlib>
+#include <set>
+#endif  // __linux__
+
 using namespace iocpnative;
 using testutil::config_for;
 using testutil::expect_pool_freed;
@@ -192,6 +200,55 @@ TEST_CASE(unknown_backend_is_invalid_argument) {
     }
     ASSERT_TRUE(raised);
     return 0;
+}
+
+#ifdef __linux__
+namespace {
+
+std::set<int> open_fds() {
+    std::set<int> fds;
+    DIR* d = ::opendir("/proc/self/fd");
+    ASSERT_TRUE(d != nullptr);
+    while (const dirent* e = ::readdir(d)) {
+        if (e->d_name[0] != '.') fds.insert(std::atoi(e->d_name));
+    }
+    ::closedir(d);
+    return fds;
+}
+
+}  // namespace
+#endif  // __linux__
+
+// Every descriptor the server and the client open (listener, accepted connections, the client's
+// socket, epoll/eventfd/ring) is close-on-exec: a child process started meanwhile must not keep
+// the port bound or a connection open. Windows: test_iocp's
+// child_process_inherits_no_server_socket.
+TEST_CASE(no_descriptor_is_inherited) {
+#ifdef __linux__
+    return for_each_backend([](const std::string& backend) {
+        const std::set<int> before = open_fds();
+        Server srv(config_for(backend));
+        srv.start();
+        Client cli("127.0.0.1", srv.port(), 10.0);
+        char back[2];
+        cli.request("hi", 2, back);
+        int checked = 0;
+        for (int fd : open_fds()) {
+            if (before.count(fd) != 0) continue;
+            const int flags = ::fcntl(fd, F_GETFD);
+            if (flags < 0) continue;  // the directory's own descriptor, closed since
+            ASSERT_TRUE((flags & FD_CLOEXEC) != 0);
+            ++checked;
+        }
+        std::printf("  %d new descriptors, all close-on-exec\n", checked);
+        ASSERT_GE(checked, 3);  // at least the listener and both ends of the connection
+        cli.close();
+        srv.stop(5.0);
+        expect_pool_freed(srv);
+    });
+#else
+    return testh::kSkip;
+#endif  // __linux__
 }
 
 TEST_MAIN()

@@ -1,11 +1,18 @@
 // IOCP backend, shared part: the completion port, the listener and its AcceptEx operations.
-// Windows 7 or later (see iocp_backend.hpp); wine >= 7.
+// Windows 7 SP1 or later (see iocp_backend.hpp); wine >= 7.
 //
 // Accepts: several AcceptEx operations are posted up front with a receive length of 0, so each
 // completes as soon as a connection arrives rather than waiting for its first bytes (a client
 // that connects and says nothing must not occupy an accept). Every completion, success or
 // failure, re-posts the same IoData until stop_accepting(). The listener does not use
 // FILE_SKIP_COMPLETION_PORT_ON_SUCCESS, so every posted accept yields exactly one packet.
+//
+// An accept that cannot be posted (WSASocketW out of handles or buffers, AcceptEx failing at
+// once, a storm of peers resetting first) or that completes with an error of its own is parked
+// and posted again kAcceptPauseMs later, from the wait of whichever worker wakes first, as the
+// epoll and io_uring backends pause accepting on EMFILE. Retiring it instead would lose the slot
+// for good: after a few such failures the server would accept nothing more while it still runs.
+// Pending connections wait in the listen backlog meanwhile. Only stop_accepting() retires.
 #include "iocp_backend.hpp"
 
 #include "iocp_stats.hpp"
@@ -18,6 +25,7 @@
 #include <mutex>
 
 #include "../../core/net.hpp"
+#include "../../core/worker.hpp"
 #include "../factories.hpp"
 #include "iocpnative/errors.hpp"
 
@@ -30,6 +38,9 @@ namespace {
 constexpr int kMinAccepts = 4;
 constexpr int kMaxAccepts = 64;
 constexpr int kAcceptResetRetries = 16;
+constexpr int64_t kAcceptPauseMs = 100;  // back-off before a parked accept is posted again
+// Every parked accept may fail again after each pause: one log line a second at most.
+constexpr int64_t kAcceptPauseLogMs = 1000;
 
 // FILE_SKIP_COMPLETION_PORT_ON_SUCCESS is only safe when every provider in the socket's chain
 // hands out real kernel handles (no non-IFS layered service provider): libuv checks the same
@@ -85,6 +96,7 @@ void add_completion_paths(const CompletionPaths& p) {
     g_paths.packets += p.packets;
     g_paths.accepts_completed += p.accepts_completed;
     g_paths.accept_resets += p.accept_resets;
+    g_paths.accept_pauses += p.accept_pauses;
     g_paths.wakeups_forwarded += p.wakeups_forwarded;
 }
 
@@ -136,6 +148,7 @@ IocpBackend::~IocpBackend() {
     CompletionPaths p;
     p.accepts_completed = accepts_completed_;
     p.accept_resets = accept_resets_;
+    p.accept_pauses = accept_pauses_;
     add_completion_paths(p);
     ::CloseHandle(port_);
 }
@@ -165,6 +178,8 @@ void IocpBackend::init_listener(const PollerContext& ctx) {
     for (int i = 0; i < accept_count_; ++i) {
         address_slots_.push_back(std::make_unique<char[]>(2 * kAcceptAddressBytes));
     }
+    parked_accepts_.reserve(static_cast<size_t>(accept_count_));
+    resuming_accepts_.reserve(static_cast<size_t>(accept_count_));
 }
 
 void IocpBackend::start_accepting() {
@@ -184,15 +199,14 @@ void IocpBackend::start_accepting() {
     }
 }
 
-// Called with accept_lock_ held.
-bool IocpBackend::post_accept(IoData& io) {
+// Called with accept_lock_ held, while accepting_.
+void IocpBackend::post_accept(IoData& io) {
     char* addresses = address_slots_[io.offset].get();
     for (int attempt = 0; attempt < kAcceptResetRetries; ++attempt) {
-        const socket_t s =
-            ::WSASocketW(family_, SOCK_STREAM, IPPROTO_TCP, nullptr, 0, WSA_FLAG_OVERLAPPED);
+        const socket_t s = net::open_socket(family_, SOCK_STREAM, IPPROTO_TCP);
         if (s == INVALID_SOCKET) {
-            log_error("WSASocketW for AcceptEx", static_cast<unsigned long>(::WSAGetLastError()));
-            break;
+            return park_accept(io, "WSASocketW for AcceptEx",
+                               static_cast<unsigned long>(::WSAGetLastError()));
         }
         std::memset(&io.overlapped, 0, sizeof(io.overlapped));
         io.accept_socket = s;
@@ -200,19 +214,63 @@ bool IocpBackend::post_accept(IoData& io) {
         // TRUE (a connection was waiting) or WSA_IO_PENDING: either way one packet follows.
         if (accept_ex_(listener_, s, addresses, 0, kAcceptAddressBytes, kAcceptAddressBytes, &bytes,
                        &io.overlapped)) {
-            return true;
+            return;
         }
         const int err = ::WSAGetLastError();
-        if (err == WSA_IO_PENDING) return true;
+        if (err == WSA_IO_PENDING) return;
         // An immediate failure queues no packet: the IoData is still ours.
         net::close_socket(s);
         io.accept_socket = kInvalidSocket;
         if (err == WSAECONNRESET) continue;  // that peer reset before we took it: next one
-        log_error("AcceptEx", static_cast<unsigned long>(err));
-        break;
+        return park_accept(io, "AcceptEx", static_cast<unsigned long>(err));
     }
-    retire_accept(io);
-    return false;
+    park_accept(io, "AcceptEx (peers kept resetting)", WSAECONNRESET);
+}
+
+// Called with accept_lock_ held, while accepting_; `io` is in no OS call and owns no socket.
+void IocpBackend::park_accept(IoData& io, const char* what, unsigned long native_error) {
+    parked_accepts_.push_back(&io);
+    ++accept_pauses_;
+    const int64_t now = monotonic_ms();
+    // Accepts parked during one pause are posted again together, when the first one is due.
+    if (accept_resume_ms_.load() == 0) accept_resume_ms_.store(now + kAcceptPauseMs);
+    if (now < next_pause_log_ms_) {
+        ++pause_logs_skipped_;
+        return;
+    }
+    next_pause_log_ms_ = now + kAcceptPauseLogMs;
+    const int err = errno_from_native(static_cast<int>(native_error));
+    char skipped[64] = "";  // filled without allocating: memory may be what ran out
+    if (pause_logs_skipped_ > 0) {
+        std::snprintf(skipped, sizeof(skipped), " (and %lld more since the last report)",
+                      static_cast<long long>(pause_logs_skipped_));
+    }
+    std::fprintf(
+        stderr, "iocpnative: accept paused for %lld ms: %s failed: %s (Windows error %lu)%s\n",
+        static_cast<long long>(kAcceptPauseMs), what, std::strerror(err), native_error, skipped);
+    pause_logs_skipped_ = 0;
+}
+
+int IocpBackend::clamp_for_accept_pause(int timeout_ms) const {
+    const int64_t due = accept_resume_ms_.load();
+    if (due == 0) return timeout_ms;
+    const int64_t left = due - monotonic_ms();
+    const int wait = left <= 0 ? 0 : static_cast<int>(std::min<int64_t>(left, kAcceptPauseMs));
+    return (timeout_ms < 0 || wait < timeout_ms) ? wait : timeout_ms;
+}
+
+void IocpBackend::resume_accepts_if_due() {
+    const int64_t due = accept_resume_ms_.load();
+    if (due == 0 || monotonic_ms() < due) return;
+    std::lock_guard<std::mutex> g(accept_lock_);
+    // Another worker may have resumed them (and some parked again) since the unlocked read.
+    const int64_t now_due = accept_resume_ms_.load();
+    if (!accepting_ || now_due == 0 || monotonic_ms() < now_due) return;
+    accept_resume_ms_.store(0);
+    // post_accept may park an accept again: it goes back into parked_accepts_, not this list.
+    resuming_accepts_.swap(parked_accepts_);
+    for (IoData* io : resuming_accepts_) post_accept(*io);
+    resuming_accepts_.clear();
 }
 
 void IocpBackend::retire_accept(IoData& io) {
@@ -242,13 +300,14 @@ void IocpBackend::on_accept_complete(IoData& io, LocalQueue& ready) {
         }
     } else {
         net::close_socket(s);
-        if (!peer_gone(err) && err != ERROR_OPERATION_ABORTED)
-            log_error("AcceptEx completion", err);
     }
     std::lock_guard<std::mutex> g(accept_lock_);
     ++accepts_completed_;
     if (!ok && peer_gone(err)) ++accept_resets_;
-    if (!accepting_) return retire_accept(io);
+    if (!accepting_) return retire_accept(io);  // ERROR_OPERATION_ABORTED: stop's cancel
+    // Any other failure (out of handles or memory, a listener in trouble) would most likely
+    // come back at once and spin: the same pause as for a post that failed.
+    if (!ok && !peer_gone(err)) return park_accept(io, "AcceptEx completion", err);
     post_accept(io);
 }
 
@@ -256,6 +315,10 @@ void IocpBackend::stop_accepting() {
     std::lock_guard<std::mutex> g(accept_lock_);
     if (!accepting_) return;
     accepting_ = false;
+    // Parked accepts are in no OS call: retired now. No worker posts them again (accepting_).
+    for (IoData* io : parked_accepts_) retire_accept(*io);
+    parked_accepts_.clear();
+    accept_resume_ms_.store(0);
     // Cancels the accepts posted from every thread; each then completes (aborted) and is
     // retired by on_accept_complete. ERROR_NOT_FOUND: none was pending.
     if (accepts_in_flight_.load() > 0 &&

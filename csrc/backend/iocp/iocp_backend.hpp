@@ -1,7 +1,8 @@
 // IOCP backend, shared part: one completion port for all workers, the listener's pre-posted
 // AcceptEx operations, and the per-connection locks that make cross-thread closes safe.
-// Windows 7 / Server 2008 R2 or later (GetQueuedCompletionStatusEx and CancelIoEx: Vista;
-// SetFileCompletionNotificationModes: Vista); wine >= 7 for the tests run here.
+// Windows 7 SP1 / Server 2008 R2 SP1 or later (GetQueuedCompletionStatusEx and CancelIoEx: Vista;
+// SetFileCompletionNotificationModes: Vista; WSA_FLAG_NO_HANDLE_INHERIT in net::open_socket:
+// 7 SP1); wine >= 7 for the tests run here.
 //
 // Threads: every worker waits on the same port, so a connection's completions may be handled on
 // any worker (asio's win_iocp_io_context, libuv's uv_loop on Windows use one port the same way).
@@ -78,17 +79,23 @@ class IocpBackend final : public Backend {
     // Posts the initial accepts (called once, from worker 0's thread).
     void start_accepting();
     // Handles a dequeued accept completion: fills `ready` with an Accepted event on success and
-    // re-posts the accept (or retires it after stop_accepting()).
+    // re-posts the accept (parks it when it failed, retires it after stop_accepting()).
     void on_accept_complete(IoData& io, LocalQueue& ready);
-    // Cancels every pending accept; later completions retire them. Idempotent, any thread.
+    // Cancels every pending accept (later completions retire them) and retires the parked ones.
+    // Idempotent, any thread.
     void stop_accepting();
-    // Accepts posted and not yet retired.
+    // Accepts posted or parked, not yet retired.
     int64_t accepts_in_flight() const { return accepts_in_flight_.load(); }
+    // Shortens a worker's wait so that it ends when the parked accepts are due again.
+    int clamp_for_accept_pause(int timeout_ms) const;
+    // Posts the parked accepts again once their pause is over. Any worker, after its wait.
+    void resume_accepts_if_due();
 
   private:
     void init_listener(const PollerContext& ctx);
-    // Posts `io` as an AcceptEx; retires it (and returns false) when that is impossible.
-    bool post_accept(IoData& io);
+    // Posts `io` as an AcceptEx; parks it when that is impossible.
+    void post_accept(IoData& io);
+    void park_accept(IoData& io, const char* what, unsigned long native_error);
     void retire_accept(IoData& io);
 
     static constexpr size_t kConnLocks = 64;
@@ -107,6 +114,16 @@ class IocpBackend final : public Backend {
     std::atomic<int64_t> accepts_in_flight_{0};
     int64_t accepts_completed_ = 0;  // under accept_lock_, for iocp_stats.hpp
     int64_t accept_resets_ = 0;
+    int64_t accept_pauses_ = 0;
+    // Accepts that failed while accepting: in no OS call, their socket closed, waiting for
+    // accept_resume_ms_ (under accept_lock_; both vectors keep room for every accept, so parking
+    // never allocates). accept_resume_ms_ is 0 when none is parked; workers read it unlocked to
+    // bound their waits.
+    std::vector<IoData*> parked_accepts_;
+    std::vector<IoData*> resuming_accepts_;
+    std::atomic<int64_t> accept_resume_ms_{0};
+    int64_t next_pause_log_ms_ = 0;  // under accept_lock_: at most one "paused" line a second
+    int64_t pause_logs_skipped_ = 0;
     // AcceptEx address buffers, one per pre-posted accept (the IoData's own buffer may be
     // smaller than two addresses: buffer_size can be 1). IoData::offset holds the slot index.
     std::vector<std::unique_ptr<char[]>> address_slots_;

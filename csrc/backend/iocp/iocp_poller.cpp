@@ -1,5 +1,5 @@
 // IOCP backend, per-worker part: GetQueuedCompletionStatusEx and the overlapped WSARecv/WSASend.
-// Windows 7 or later (see iocp_backend.hpp); wine >= 7.
+// Windows 7 SP1 or later (see iocp_backend.hpp); wine >= 7.
 //
 // Exactly one Event per posted operation (backend.hpp), in each of the cases Windows has
 // (DESIGN.md; libuv's UV_SUCCEEDED_WITHOUT_IOCP and CPython's Modules/overlapped.c handle the
@@ -53,7 +53,12 @@ class IocpPoller final : public Poller {
         // Locally queued completions are returned now, but the port is still polled so that
         // a connection completing inline again and again cannot starve the others.
         if (!ready_.empty()) timeout_ms = 0;
+        // Parked accepts have no packet to wake anyone: every worker bounds its wait by their
+        // due time, and the first awake posts them (the one that parked an accept always comes
+        // back here, so one worker at least waits with the bound).
+        timeout_ms = backend_.clamp_for_accept_pause(timeout_ms);
         dequeue(static_cast<ULONG>(std::min<int>(max, static_cast<int>(kBatch))), timeout_ms);
+        backend_.resume_accepts_if_due();
         return ready_.take(out, max);
     }
 

@@ -17,6 +17,7 @@ struct CompletionPaths {
     int64_t packets = 0;              // connection packets dequeued
     int64_t accepts_completed = 0;    // accept packets dequeued (any status)
     int64_t accept_resets = 0;        // of those, failed because the peer reset first
+    int64_t accept_pauses = 0;        // accepts parked for a pause (could not be posted)
     int64_t wakeups_forwarded = 0;    // stop() wake-ups passed on to another worker
 };
 
