@@ -426,36 +426,6 @@ def _catches(pid: int, sig: int) -> bool:
     return False
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_cli_server_with_handler(backend: str) -> None:
-    args = ["server", "--port", "0", "--workers", "1", "--backend", backend]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "iocpnative", *args, "--handler", "builtins:bytes.upper"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "listening on 127.0.0.1:" in line, line
-        port = int(line.split("127.0.0.1:")[1].split()[0])
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
-            s.sendall(b"shout")
-            assert recv_exactly(s, 5) == b"SHOUT"
-        # SIGTERM once serve_forever() has installed its handler (SigCgt in /proc), so that
-        # the signal means "stop gracefully" and not "die".
-        wait_for(lambda: _catches(proc.pid, signal.SIGTERM), "the SIGTERM handler")
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert "handler_errors=0" in out
-
-
 def _handler_module(tmp_path, name: str, source: str) -> None:
     (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
 
@@ -469,6 +439,35 @@ def _start_cli_server(cmd: list[str], cwd) -> tuple[subprocess.Popen[str], int]:
         _, err = proc.communicate()
         pytest.fail(f"no listening line: {line!r}; stderr {err!r}")
     return proc, int(line.split("127.0.0.1:")[1].split()[0])
+
+
+def _serve_upper_then_sigterm(cmd: list[str], cwd, msg: bytes) -> tuple[str, str, int]:
+    """Starts `cmd` (an ``iocpnative server`` whose handler upper-cases), checks one echo of
+    `msg`, stops it with SIGTERM and returns (stdout, stderr, exit status)."""
+    proc, port = _start_cli_server(cmd, cwd)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+            s.sendall(msg)
+            assert recv_exactly(s, len(msg)) == msg.upper()
+        # SIGTERM once serve_forever() has installed its handler (SigCgt in /proc), so that
+        # the signal means "stop gracefully" and not "die".
+        wait_for(lambda: _catches(proc.pid, signal.SIGTERM), "the SIGTERM handler")
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out, err, proc.returncode
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_cli_server_with_handler(backend: str) -> None:
+    args = ["server", "--port", "0", "--workers", "1", "--backend", backend]
+    cmd = [sys.executable, "-m", "iocpnative", *args, "--handler", "builtins:bytes.upper"]
+    out, err, rc = _serve_upper_then_sigterm(cmd, None, b"shout")
+    assert rc == 0, err
+    assert "handler_errors=0" in out
 
 
 @pytest.mark.parametrize(
@@ -501,22 +500,9 @@ def test_console_script_finds_a_handler_in_the_current_directory(tmp_path) -> No
     if not os.path.exists(script):
         pytest.skip("the iocpnative console script is not installed (running from the sources)")
     _handler_module(tmp_path, "cwdhandler", "def shout(data):\n    return data.upper()\n")
-    proc, port = _start_cli_server(
-        [script, "server", "--port", "0", "--workers", "1", "--handler", "cwdhandler:shout"],
-        cwd=tmp_path,
-    )
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
-            s.sendall(b"from cwd")
-            assert recv_exactly(s, 8) == b"FROM CWD"
-        wait_for(lambda: _catches(proc.pid, signal.SIGTERM), "the SIGTERM handler")
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
+    cmd = [script, "server", "--port", "0", "--workers", "1", "--handler", "cwdhandler:shout"]
+    _, err, rc = _serve_upper_then_sigterm(cmd, tmp_path, b"from cwd")
+    assert rc == 0, err
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")

@@ -27,14 +27,6 @@
 
 using namespace iocpnative;
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-#define IOCPNATIVE_TEST_SANITIZED 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#define IOCPNATIVE_TEST_SANITIZED 1
-#endif  // __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-#endif  // sanitizer detection
-
 namespace {
 
 volatile bool g_stop_recursion = false;  // never set: keeps the recursion from looking infinite

@@ -11,6 +11,15 @@
 #include <string>
 #include <vector>
 
+// Defined in an ASan or TSan build (GCC and Clang spell it differently).
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#define IOCPNATIVE_TEST_SANITIZED 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#define IOCPNATIVE_TEST_SANITIZED 1
+#endif  // __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+#endif  // sanitizer detection
+
 namespace testh {
 
 constexpr int kPass = 0;
