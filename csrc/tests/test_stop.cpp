@@ -124,7 +124,7 @@ TEST_CASE(close_while_a_forked_child_holds_the_socket) {
 // everything and raises the thread error. Run in a child: the limit must not reach the others.
 // The spawn loop is the core's, the same for every backend; epoll's pollers need no memory that
 // the limit would refuse first.
-#ifndef _WIN32
+#if !defined(_WIN32) && !defined(IOCPNATIVE_TEST_SANITIZED)
 static long vm_size_kib() {
     std::ifstream in("/proc/self/status");
     std::string key;
