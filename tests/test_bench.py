@@ -25,8 +25,9 @@ JSON_FIELDS = (
 
 @contextmanager
 def broken_echo(mode: str) -> Iterator[int]:
-    """A raw socket echo server that flips the first byte of every chunk ('flip'), or reads and
-    never answers ('drop'). Yields its port."""
+    """A raw socket echo server that flips the first byte of every chunk ('flip'), reads and
+    never answers ('drop'), or answers a connection's first chunk only ('once': the load
+    generator's priming echo passes, then nothing). Yields its port."""
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(64)
@@ -36,6 +37,7 @@ def broken_echo(mode: str) -> Iterator[int]:
 
     def serve(c: socket.socket) -> None:
         c.settimeout(0.1)
+        answered = 0
         while not stop.is_set():
             try:
                 data = c.recv(65536)
@@ -45,9 +47,11 @@ def broken_echo(mode: str) -> Iterator[int]:
                 return
             if not data:
                 return
-            if mode == "flip":
+            reply = {"flip": bytes([data[0] ^ 0x01]) + data[1:], "once": data}.get(mode)
+            if reply is not None and (mode != "once" or answered == 0):
+                answered += 1
                 try:
-                    c.sendall(bytes([data[0] ^ 0x01]) + data[1:])
+                    c.sendall(reply)
                 except OSError:
                     return
 
@@ -208,12 +212,16 @@ def test_rate_beyond_the_client_ends_on_time() -> None:
 
 
 def test_fixed_rate_with_a_silent_server_is_an_error() -> None:
-    """At a fixed rate a server that answers nothing in the window is stalled, as without one."""
-    with broken_echo("drop") as port:
+    """At a fixed rate a server that answers nothing in the window is stalled, as without one
+    (the priming echo is answered, so the connections are open when the window ends; before, the
+    run counted 0 round trips and no error)."""
+    with broken_echo("once") as port:
         r = bench("127.0.0.1", port, connections=2, duration=0.3, warmup=0, rate=100,
-                  connect_timeout=1.0)  # fmt: skip
+                  connect_timeout=2.0)  # fmt: skip
+    assert r.connections_open == 2
     assert r.round_trips == 0
-    assert r.errors > 0 and r.error_kinds["stalled"] > 0
+    assert r.error_kinds["stalled"] == 1, r.error_kinds
+    assert r.first_error.startswith("stalled: no round trip in the window"), r.first_error
 
 
 @pytest.mark.parametrize(
