@@ -506,18 +506,19 @@ def test_console_script_finds_a_handler_in_the_current_directory(tmp_path) -> No
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-@pytest.mark.parametrize("abandon", [False, True], ids=["wait", "abandon"])
-def test_cli_server_stopped_while_a_handler_blocks(tmp_path, abandon: bool) -> None:
-    """Ctrl-C while a handler runs longer than the 5 s stop: the CLI says it waits for it, then
-    stops with the final stats (exit 0); a second Ctrl-C abandons it (exit 1) at once. Before:
-    an error telling a CLI user to "call stop() again", and a traceback on the second Ctrl-C."""
+@pytest.mark.parametrize("abandon", ["no", "after", "before"])
+def test_cli_server_stopped_while_a_handler_blocks(tmp_path, abandon: str) -> None:
+    """Ctrl-C while a handler runs: after a second the CLI says it waits for it, then stops with
+    the final stats (exit 0); a second Ctrl-C abandons it (exit 1) at once, after that message
+    or before it. Before: after 5 s an error telling a CLI user to "call stop() again", and a
+    traceback on the second Ctrl-C."""
     _handler_module(
         tmp_path, "slowh",
         """
         import pathlib, time
         def slow(data):
             pathlib.Path("started").touch()
-            time.sleep(7)
+            time.sleep(4)
             return data
         """,
     )  # fmt: skip
@@ -529,12 +530,17 @@ def test_cli_server_stopped_while_a_handler_blocks(tmp_path, abandon: bool) -> N
             s.sendall(b"slow")
             wait_for(lambda: (tmp_path / "started").exists(), "the handler to start")
             proc.send_signal(signal.SIGINT)
-            assert proc.stderr is not None
-            line = proc.stderr.readline()
-            assert "waiting for a handler to return" in line, line
             t0 = time.monotonic()
-            if abandon:
+            assert proc.stderr is not None
+            if abandon == "before":  # within the first stop step, before any message
+                time.sleep(0.2)
                 proc.send_signal(signal.SIGINT)
+            else:
+                line = proc.stderr.readline()
+                assert "waiting for a handler to return" in line, line
+                if abandon == "after":
+                    t0 = time.monotonic()
+                    proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
             elapsed = time.monotonic() - t0
     finally:
@@ -542,7 +548,7 @@ def test_cli_server_stopped_while_a_handler_blocks(tmp_path, abandon: bool) -> N
             proc.kill()
             proc.wait()
     assert "Traceback" not in err, err
-    if abandon:
+    if abandon != "no":
         assert proc.returncode == 1, err
         assert "abandoned" in err and elapsed < 2.5, (err, elapsed)
     else:

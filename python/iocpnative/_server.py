@@ -264,7 +264,11 @@ class Server:
             self._stop_event.set()
 
     def serve_forever(
-        self, poll_interval: float = 0.5, *, ready: Callable[[], object] | None = None
+        self,
+        poll_interval: float = 0.5,
+        *,
+        ready: Callable[[], object] | None = None,
+        stop_timeout: float = 5.0,
     ) -> None:
         """Block until ``stop()`` is called from another thread, or SIGINT/SIGTERM arrives.
 
@@ -272,8 +276,10 @@ class Server:
         thread, before the server starts, and the previous ones are restored afterwards.
         ``ready()`` is called once the server is running with the handlers in place, so what it
         announces (e.g. "listening on ...") is true: a signal from then on stops gracefully.
+        The final ``stop()`` gets ``stop_timeout`` seconds (``TimeoutError`` as in ``stop()``).
         """
         poll = check_timeout("poll_interval", poll_interval, allow_none=False)
+        stop_t = check_timeout("stop_timeout", stop_timeout, allow_none=False)
         previous: dict[int, Any] = {}
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -293,7 +299,7 @@ class Server:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            self.stop()
+            self.stop(stop_t)
 
     # --- properties --------------------------------------------------------------------------
 

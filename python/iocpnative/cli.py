@@ -11,7 +11,7 @@ import os
 import platform
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from ._backends import backend_statuses
@@ -71,7 +71,9 @@ def _load_callable(spec: str) -> Callable[..., Any]:
         raise ValueError(f"--handler must be module:function, got {spec!r}")
     # The console script's sys.path[0] is its bin/ folder, not the current directory that
     # `python -m iocpnative` puts there: look in the current directory the same way.
-    if "" not in sys.path and os.getcwd() not in sys.path:
+    # Not in safe-path mode (python -P, PYTHONSAFEPATH), which asks for exactly that not to happen.
+    safe = getattr(sys.flags, "safe_path", False)
+    if not safe and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         obj: Any = importlib.import_module(module_name)
@@ -102,6 +104,19 @@ def _make_server(args: argparse.Namespace, port: int | None = None) -> Server:
     )
 
 
+# The server command stops in steps of this long, so that Ctrl-C is heard between them.
+CLI_STOP_STEP_S = 1.0
+
+
+def _abandon(srv: Server) -> NoReturn:
+    print("iocpnative server: abandoned with a handler still running", file=sys.stderr)
+    _print_stats(srv.stats(), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Python would wait for the handler at exit (it runs on a native worker thread).
+    os._exit(EXIT_ERROR)
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     if args.crash_dump_dir is not None:
         where = enable_crash_dumps(args.crash_dump_dir)
@@ -117,28 +132,33 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     # Announced only once SIGINT/SIGTERM are handled, so a signal right after it stops cleanly.
     try:
-        srv.serve_forever(ready=announce)
+        srv.serve_forever(ready=announce, stop_timeout=CLI_STOP_STEP_S)
     except TimeoutError:
-        # A handler is still running (stop() waited 5 s): wait for it, unless told not to.
+        # Workers still busy after the first second: a handler that has not returned (or, rarely,
+        # connections still closing). Wait for them, unless told not to.
         print(
-            "iocpnative server: waiting for a handler to return (Ctrl-C again to abandon it)",
+            "iocpnative server: still stopping: waiting for a handler to return "
+            "(Ctrl-C again to abandon it)",
             file=sys.stderr,
             flush=True,
         )
         try:
             while True:
                 try:
-                    srv.stop(timeout=1.0)
+                    srv.stop(timeout=CLI_STOP_STEP_S)
                     break
                 except TimeoutError:
                     continue
         except KeyboardInterrupt:
-            print("iocpnative server: abandoned with a handler still running", file=sys.stderr)
-            _print_stats(srv.stats(), file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # Python would wait for the handler at exit (it runs on a native worker thread).
-            os._exit(EXIT_ERROR)
+            _abandon(srv)
+    except KeyboardInterrupt:
+        # A second Ctrl-C while serve_forever() was stopping: done if the stop finished by then.
+        try:
+            srv.stop(timeout=0.001)
+        except TimeoutError:
+            _abandon(srv)
+        _print_stats(srv.stats())
+        return 130
     _print_stats(srv.stats())
     return 0
 
