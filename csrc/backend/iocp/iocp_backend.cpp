@@ -22,6 +22,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 
 #include "../../core/net.hpp"
@@ -79,8 +80,13 @@ LPFN_ACCEPTEX load_accept_ex(socket_t s) {
 
 std::mutex g_paths_lock;
 CompletionPaths g_paths;
+std::atomic<int64_t> g_parked_accepts{0};  // parked now, every backend of the process
 
 }  // namespace
+
+int64_t parked_accepts() {
+    return g_parked_accepts.load();
+}
 
 CompletionPaths completion_paths() {
     std::lock_guard<std::mutex> g(g_paths_lock);
@@ -230,6 +236,7 @@ void IocpBackend::post_accept(IoData& io) {
 // Called with accept_lock_ held, while accepting_; `io` is in no OS call and owns no socket.
 void IocpBackend::park_accept(IoData& io, const char* what, unsigned long native_error) {
     parked_accepts_.push_back(&io);
+    g_parked_accepts.fetch_add(1);
     ++accept_pauses_;
     const int64_t now = monotonic_ms();
     // Accepts parked during one pause are posted again together, when the first one is due.
@@ -269,6 +276,7 @@ void IocpBackend::resume_accepts_if_due() {
     accept_resume_ms_.store(0);
     // post_accept may park an accept again: it goes back into parked_accepts_, not this list.
     resuming_accepts_.swap(parked_accepts_);
+    g_parked_accepts.fetch_sub(static_cast<int64_t>(resuming_accepts_.size()));
     for (IoData* io : resuming_accepts_) post_accept(*io);
     resuming_accepts_.clear();
 }
@@ -317,6 +325,7 @@ void IocpBackend::stop_accepting() {
     accepting_ = false;
     // Parked accepts are in no OS call: retired now. No worker posts them again (accepting_).
     for (IoData* io : parked_accepts_) retire_accept(*io);
+    g_parked_accepts.fetch_sub(static_cast<int64_t>(parked_accepts_.size()));
     parked_accepts_.clear();
     accept_resume_ms_.store(0);
     // Cancels the accepts posted from every thread; each then completes (aborted) and is

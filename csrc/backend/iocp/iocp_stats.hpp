@@ -22,6 +22,8 @@ struct CompletionPaths {
 };
 
 CompletionPaths completion_paths();
+// Accepts parked for a pause right now (could not be posted; posted again when it ends).
+int64_t parked_accepts();
 void add_completion_paths(const CompletionPaths& p);
 
 }  // namespace iocp
