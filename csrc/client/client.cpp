@@ -134,6 +134,10 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
                 net::close_socket(s);
                 timed_out = true;
                 break;
+            } catch (...) {  // select/poll itself failed
+                net::close_socket(s);
+                ::freeaddrinfo(res);
+                throw;
             }
             int so_err = 0;
             socklen_t len = sizeof(so_err);

@@ -91,6 +91,8 @@ void ServerCore::start() {
                                                         *pools_[q], *tables_[q],
                                                         *worker_stats_.back()));
         }
+        // Reserved here so that creating the threads below can only fail for want of a thread.
+        threads_.reserve(workers_.size());
     } catch (...) {
         workers_.clear();
         backend_.reset();

@@ -170,7 +170,8 @@ void Worker::on_accepted(socket_t s) {
         return;
     }
     Connection* c = new (std::nothrow) Connection();
-    if (c == nullptr) {
+    if (c == nullptr) {  // out of memory: rejected like a connection over max_connections
+        std::fprintf(stderr, "iocpnative: no memory for a new connection: rejected\n");
         active.fetch_sub(1, std::memory_order_relaxed);
         WorkerStats::add(stats_.rejected_connections, 1);
         net::close_socket(s);
