@@ -21,6 +21,7 @@ from ._validate import (
     MAX_WORKERS,
     check_backend,
     check_batch_wait_us,
+    check_bool,
     check_host,
     check_port,
     check_positive_int,
@@ -129,12 +130,6 @@ def _make_native_handler(
     )
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
-
-
 @atexit.register
 def _stop_servers_at_exit() -> None:
     # Worker threads must not call into an interpreter that is finalizing: a thread that wakes
@@ -229,7 +224,7 @@ class Server:
             buffer_size,
             max_connections,
             idle or 0.0,
-            _check_bool("verbose", verbose),
+            check_bool("verbose", verbose),
             native_handler,
             batch_wait_us,
         )

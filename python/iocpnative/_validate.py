@@ -58,6 +58,12 @@ def check_timeout(name: str, value: object, *, allow_none: bool) -> float | None
     return v
 
 
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def check_host(host: object) -> str:
     if not isinstance(host, str) or not host:
         raise ValueError(f"host must be a non-empty string, got {host!r}")

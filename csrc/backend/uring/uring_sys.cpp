@@ -15,7 +15,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <iterator>
 #include <memory>
 #include <string>
 #include <vector>
@@ -137,10 +136,20 @@ Features features_from_env() {
     if (v == nullptr) return f;
     // A comma list, spaces and case ignored; a name we do not know is reported once per process
     // (a typo would otherwise leave the feature on without a word).
-    static const char* const kKnown[] = {"all",          "defer_taskrun",  "single_issuer",
-                                         "coop_taskrun", "submit_all",     "multishot_accept",
-                                         "pbuf_ring",    "multishot_recv", "min_wait",
-                                         "poll"};
+    static const struct {
+        const char* name;
+        bool Features::* field;
+    } kSwitches[] = {
+        {"defer_taskrun", &Features::defer_taskrun},
+        {"single_issuer", &Features::single_issuer},
+        {"coop_taskrun", &Features::coop_taskrun},
+        {"submit_all", &Features::submit_all},
+        {"multishot_accept", &Features::multishot_accept},
+        {"pbuf_ring", &Features::pbuf_ring},
+        {"multishot_recv", &Features::multishot_recv},
+        {"min_wait", &Features::min_wait},
+        {"poll", &Features::poll},
+    };
     std::vector<std::string> names;
     std::string cur;
     for (const char* p = v;; ++p) {
@@ -154,29 +163,23 @@ Features features_from_env() {
     }
     static std::atomic<bool> warned{false};
     for (const std::string& n : names) {
-        const bool known = std::any_of(std::begin(kKnown), std::end(kKnown),
-                                       [&](const char* k) { return n == k; });
+        const bool all = n == "all";
+        bool known = all;
+        for (const auto& sw : kSwitches) {
+            if (all || n == sw.name) {
+                f.*sw.field = false;
+                known = true;
+            }
+        }
         if (!known && !warned.exchange(true)) {
+            std::string list = "all";
+            for (const auto& sw : kSwitches) list += std::string(", ") + sw.name;
             std::fprintf(stderr,
                          "iocpnative: IOCPNATIVE_URING_DISABLE: unknown name '%s' ignored (known: "
-                         "all, defer_taskrun, single_issuer, coop_taskrun, submit_all, "
-                         "multishot_accept, pbuf_ring, multishot_recv, min_wait, poll)\n",
-                         n.c_str());
+                         "%s)\n",
+                         n.c_str(), list.c_str());
         }
     }
-    const bool all = std::find(names.begin(), names.end(), "all") != names.end();
-    auto off = [&](const char* name) {
-        return all || std::find(names.begin(), names.end(), name) != names.end();
-    };
-    f.defer_taskrun = !off("defer_taskrun");
-    f.single_issuer = !off("single_issuer");
-    f.coop_taskrun = !off("coop_taskrun");
-    f.submit_all = !off("submit_all");
-    f.multishot_accept = !off("multishot_accept");
-    f.pbuf_ring = !off("pbuf_ring");
-    f.multishot_recv = !off("multishot_recv");
-    f.min_wait = !off("min_wait");
-    f.poll = !off("poll");
     return f;
 }
 
