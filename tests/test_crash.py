@@ -235,3 +235,19 @@ def test_directory_under_a_regular_file_is_enotdir(tmp_path: Path) -> None:
 def test_empty_directory_is_rejected() -> None:
     with pytest.raises(ValueError):
         iocpnative.enable_crash_dumps("")
+
+
+def test_directory_name_that_is_not_utf8(tmp_path: Path) -> None:
+    # Linux file names are bytes; Python hands an undecodable byte to us as a surrogate escape
+    # (os.fsdecode), as os.listdir and sys.argv do. Such a directory must work like any other,
+    # given directly or reached through a symlink (the returned path is the resolved one).
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9")
+    link = tmp_path / "link"
+    link.symlink_to(latin1, target_is_directory=True)
+    try:
+        for given in (latin1, link):
+            assert iocpnative.enable_crash_dumps(given) == str(latin1)
+            assert iocpnative.crash_dump_directory() == str(latin1)
+    finally:
+        iocpnative.disable_crash_dumps()
+    assert latin1.is_dir()

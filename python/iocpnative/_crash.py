@@ -37,7 +37,8 @@ def enable_crash_dumps(directory: str | os.PathLike[str]) -> str:
         raise TypeError(f"directory must be str or os.PathLike[str], not {type(path).__name__}")
     if not path:
         raise ValueError("crash dump directory must not be empty")
-    _native.enable_crash_dumps(path)
+    # Bytes as the OS spells the name: a str may carry surrogate escapes of undecodable bytes.
+    _native.enable_crash_dumps(os.fsencode(path))
     return _native.crash_dump_directory()
 
 
