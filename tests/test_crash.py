@@ -251,3 +251,22 @@ def test_directory_name_that_is_not_utf8(tmp_path: Path) -> None:
     finally:
         iocpnative.disable_crash_dumps()
     assert latin1.is_dir()
+
+
+def test_directory_removed_after_enable_is_created_again(tmp_path: Path) -> None:
+    # A long-running server outlives its empty crash directory (a /tmp cleaner, say): the
+    # report must not be lost for it. enable promised the directory is created if missing.
+    target = tmp_path / "a" / "b"
+    child = run_child(
+        """
+        import os, sys
+        import iocpnative
+        iocpnative.enable_crash_dumps(sys.argv[1])
+        os.rmdir(sys.argv[1])
+        os.rmdir(os.path.dirname(sys.argv[1]))
+        iocpnative.trigger_test_crash()
+        """,
+        str(target),
+    )
+    assert child.returncode == -signal.SIGSEGV, child.stderr
+    assert "signal: SIGSEGV (11)\n" in only_report(target)

@@ -5,13 +5,13 @@
 // libc with <execinfo.h> (glibc's backtrace() and backtrace_symbols_fd()).
 //
 // The handler is async-signal-safe (signal-safety(7)): no malloc, no stdio, no locks. It
-// formats into stack buffers with its own number formatting and calls only open, write, close,
-// clock_gettime, nanosleep, getpid, syscall(SYS_gettid), sigaction and raise. Two calls go
-// beyond that list, as they do in every in-process crash reporter that prints a backtrace:
-// backtrace(), whose first call loads libgcc_s with dlopen (which mallocs and takes the loader
-// lock; the heap may be the very thing that is corrupt), so enable calls it once beforehand and
-// the handler only ever makes the later, allocation-free calls; and backtrace_symbols_fd(), which
-// unlike backtrace_symbols() writes straight to the descriptor without malloc.
+// formats into stack buffers with its own number formatting and calls only open, mkdir, write,
+// close, clock_gettime, nanosleep, getpid, syscall(SYS_gettid), sigaction and raise. Two
+// calls go beyond that list, as they do in every in-process crash reporter that prints a
+// backtrace: backtrace(), whose first call loads libgcc_s with dlopen (which mallocs and takes the
+// loader lock; the heap may be the very thing that is corrupt), so enable calls it once beforehand
+// and the handler only ever makes the later, allocation-free calls; and backtrace_symbols_fd(),
+// which unlike backtrace_symbols() writes straight to the descriptor without malloc.
 #ifndef _WIN32
 
 #include <execinfo.h>
@@ -149,17 +149,46 @@ void write_all(int fd, const char* data, size_t len) noexcept {
     }
 }
 
-// Opens "<prefix><pid>-<timestamp>.crash"; -1 when disarmed or the file cannot be created.
-int open_report(int prefix_index, const crash_text::Civil& now) noexcept {
-    char path[PATH_MAX];
-    crash_text::Text p(path, sizeof path);
+// mkdir -p of the directory part of `path` (all before its last '/'), in place: each '/' is cut
+// to a NUL for one mkdir(2) and put back. A component that exists fails with EEXIST, harmlessly.
+void make_parent_directories(char* path) noexcept {
+    size_t last = 0;
+    for (size_t i = 1; path[i] != '\0'; ++i) {
+        if (path[i] == '/') last = i;
+    }
+    for (size_t i = 1; i <= last; ++i) {
+        if (path[i] != '/') continue;
+        path[i] = '\0';
+        mkdir(path, 0777);
+        path[i] = '/';
+    }
+}
+
+// Opens "<prefix><pid>-<timestamp>.crash" in `path` and returns the descriptor, or -1 with
+// errno set and `path` naming the file that could not be created. The directory is created
+// again if it has gone since enable (a /tmp cleaner removes an old empty one).
+int open_report(int prefix_index, const crash_text::Civil& now, char* path, size_t cap) noexcept {
+    crash_text::Text p(path, cap);
     p.put(g_prefix[prefix_index]);
     p.put_dec(static_cast<int64_t>(getpid()));
     p.put("-");
     p.put_compact_time(now);
     p.put(".crash");
-    if (p.truncated()) return -1;
-    return open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (p.truncated()) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+    const int fd = open(p.c_str(), flags, 0644);
+    if (fd >= 0 || errno != ENOENT) return fd;
+    make_parent_directories(path);
+    return open(p.c_str(), flags, 0644);
+}
+
+// The report file, or -1 when it cannot be created.
+int create_report_file(int prefix_index, const crash_text::Civil& now) noexcept {
+    char path[PATH_MAX];
+    return open_report(prefix_index, now, path, sizeof path);
 }
 
 void write_report(int sig, const siginfo_t* info, const void* uctx, long tid) noexcept {
@@ -168,7 +197,7 @@ void write_report(int sig, const siginfo_t* info, const void* uctx, long tid) no
     struct timespec ts = {};
     clock_gettime(CLOCK_REALTIME, &ts);
     const crash_text::Civil now = crash_text::to_civil(static_cast<int64_t>(ts.tv_sec));
-    const int fd = open_report(prefix_index, now);
+    const int fd = create_report_file(prefix_index, now);
     if (fd < 0) return;  // nowhere to write: the process still dies of the signal below
 
     char buf[2048];
