@@ -270,3 +270,23 @@ def test_directory_removed_after_enable_is_created_again(tmp_path: Path) -> None
     )
     assert child.returncode == -signal.SIGSEGV, child.stderr
     assert "signal: SIGSEGV (11)\n" in only_report(target)
+
+
+def test_report_that_cannot_be_written_is_announced_on_stderr(tmp_path: Path) -> None:
+    # The directory became a regular file: no report can be written, and the process must say
+    # so (and still die of the signal) rather than leave the user looking for a file.
+    target = tmp_path / "dumps"
+    child = run_child(
+        """
+        import os, sys
+        import iocpnative
+        iocpnative.enable_crash_dumps(sys.argv[1])
+        os.rmdir(sys.argv[1])
+        open(sys.argv[1], "w").close()
+        iocpnative.trigger_test_crash()
+        """,
+        str(target),
+    )
+    assert child.returncode == -signal.SIGSEGV, child.stderr
+    assert "iocpnative: no crash report written: cannot create " + str(target) in child.stderr
+    assert f"(errno {errno.ENOTDIR})" in child.stderr

@@ -6,7 +6,7 @@
 //
 // The handler is async-signal-safe (signal-safety(7)): no malloc, no stdio, no locks. It
 // formats into stack buffers with its own number formatting and calls only open, mkdir, write,
-// close, clock_gettime, nanosleep, getpid, syscall(SYS_gettid), sigaction and raise. Two
+// close, strlen, clock_gettime, nanosleep, getpid, syscall(SYS_gettid), sigaction and raise. Two
 // calls go beyond that list, as they do in every in-process crash reporter that prints a
 // backtrace: backtrace(), whose first call loads libgcc_s with dlopen (which mallocs and takes the
 // loader lock; the heap may be the very thing that is corrupt), so enable calls it once beforehand
@@ -185,10 +185,23 @@ int open_report(int prefix_index, const crash_text::Civil& now, char* path, size
     return open(p.c_str(), flags, 0644);
 }
 
-// The report file, or -1 when it cannot be created.
+// The report file, or -1 after one line on stderr saying which file could not be created and
+// why (errno by number: strerror is not async-signal-safe), so that a lost report is not silent.
 int create_report_file(int prefix_index, const crash_text::Civil& now) noexcept {
     char path[PATH_MAX];
-    return open_report(prefix_index, now, path, sizeof path);
+    const int fd = open_report(prefix_index, now, path, sizeof path);
+    if (fd >= 0) return fd;
+    const int err = errno;
+    static const char kLead[] = "iocpnative: no crash report written: cannot create ";
+    write_all(STDERR_FILENO, kLead, sizeof kLead - 1);
+    write_all(STDERR_FILENO, path, std::strlen(path));
+    char tail[32];
+    crash_text::Text t(tail, sizeof tail);
+    t.put(" (errno ");
+    t.put_dec(err);
+    t.put(")\n");
+    write_all(STDERR_FILENO, t.data(), t.size());
+    return -1;
 }
 
 void write_report(int sig, const siginfo_t* info, const void* uctx, long tid) noexcept {
