@@ -290,3 +290,28 @@ def test_report_that_cannot_be_written_is_announced_on_stderr(tmp_path: Path) ->
     assert child.returncode == -signal.SIGSEGV, child.stderr
     assert "iocpnative: no crash report written: cannot create " + str(target) in child.stderr
     assert f"(errno {errno.ENOTDIR})" in child.stderr
+
+
+def test_report_name_already_taken_gets_a_number(tmp_path: Path) -> None:
+    # In a PID namespace (a container restarted after a crash) the next crash can have the same
+    # pid within the same second: the name is taken, and the new report must not be lost.
+    child = run_child(
+        """
+        import os, sys, time
+        import iocpnative
+        where = iocpnative.enable_crash_dumps(sys.argv[1])
+        now = int(time.time())
+        for second in range(now - 1, now + 5):  # every name this crash can get
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
+            name = f"iocpnative-{os.getpid()}-{stamp}.crash"
+            with open(os.path.join(where, name), "w") as taken:
+                taken.write("an older report\\n")
+        iocpnative.trigger_test_crash()
+        """,
+        str(tmp_path),
+    )
+    assert child.returncode == -signal.SIGSEGV, child.stderr
+    new = [p for p in reports(tmp_path) if p.read_text() != "an older report\n"]
+    assert len(new) == 1, reports(tmp_path)
+    assert re.match(r"^iocpnative-\d+-\d{8}T\d{6}Z-2\.crash$", new[0].name), new[0].name
+    assert new[0].read_text().rstrip().endswith("end of report")

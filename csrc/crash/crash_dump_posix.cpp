@@ -54,8 +54,10 @@ constexpr FatalSignal kSignals[kSignalCount] = {
     {SIGILL, "SIGILL"},   {SIGABRT, "SIGABRT"},
 };
 
-// Room after the directory for "/iocpnative-<pid>-<YYYYMMDDTHHMMSSZ>.crash" and the NUL.
+// Room after the directory for "/iocpnative-<pid>-<YYYYMMDDTHHMMSSZ>-<n>.crash" and the NUL.
 constexpr size_t kNameReserve = 64;
+// A report whose name is taken is numbered -2, -3, ... up to this.
+constexpr int kMaxReportNumber = 100;
 
 // Written by enable/disable under g_mutex; the handler only reads. g_previous[i] is filled
 // before our handler is installed for that signal and is not touched while it is installed.
@@ -166,23 +168,38 @@ void make_parent_directories(char* path) noexcept {
 
 // Opens "<prefix><pid>-<timestamp>.crash" in `path` and returns the descriptor, or -1 with
 // errno set and `path` naming the file that could not be created. The directory is created
-// again if it has gone since enable (a /tmp cleaner removes an old empty one).
+// again if it has gone since enable (a /tmp cleaner removes an old empty one). A name already
+// taken (a pid reused within the same second, as in a restarted container's PID namespace)
+// gets "-2", "-3", ... before ".crash" instead of losing the report.
 int open_report(int prefix_index, const crash_text::Civil& now, char* path, size_t cap) noexcept {
-    crash_text::Text p(path, cap);
-    p.put(g_prefix[prefix_index]);
-    p.put_dec(static_cast<int64_t>(getpid()));
-    p.put("-");
-    p.put_compact_time(now);
-    p.put(".crash");
-    if (p.truncated()) {
-        errno = ENAMETOOLONG;
-        return -1;
+    bool directory_made = false;
+    for (int number = 1; number <= kMaxReportNumber;) {
+        crash_text::Text p(path, cap);
+        p.put(g_prefix[prefix_index]);
+        p.put_dec(static_cast<int64_t>(getpid()));
+        p.put("-");
+        p.put_compact_time(now);
+        if (number > 1) {
+            p.put("-");
+            p.put_dec(number);
+        }
+        p.put(".crash");
+        if (p.truncated()) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        const int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd >= 0) return fd;
+        if (errno == EEXIST) {
+            ++number;
+        } else if (errno == ENOENT && !directory_made) {
+            make_parent_directories(path);
+            directory_made = true;
+        } else {
+            return -1;
+        }
     }
-    const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
-    const int fd = open(p.c_str(), flags, 0644);
-    if (fd >= 0 || errno != ENOENT) return fd;
-    make_parent_directories(path);
-    return open(p.c_str(), flags, 0644);
+    return -1;
 }
 
 // The report file, or -1 after one line on stderr saying which file could not be created and
