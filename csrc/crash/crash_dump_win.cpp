@@ -122,6 +122,18 @@ std::wstring full_path(const std::wstring& path) {
     return out;
 }
 
+// The extended-length ("\\?\") form of a full path from GetFullPathNameW. Without it every
+// file call is limited to MAX_PATH (260 UTF-16 units; 248 for CreateDirectoryW) unless both the
+// LongPathsEnabled policy and the executable's manifest opt in, so a deep directory was created
+// (or refused) by a path the dump could not then be written to. The prefix turns off the Win32
+// path rewriting, which is safe here: GetFullPathNameW has already made the path absolute, with
+// backslashes and no "." or ".." components.
+std::wstring extended_length(const std::wstring& full) {
+    if (full.compare(0, 4, L"\\\\?\\") == 0 || full.compare(0, 4, L"\\\\.\\") == 0) return full;
+    if (full.compare(0, 2, L"\\\\") == 0) return L"\\\\?\\UNC\\" + full.substr(2);
+    return L"\\\\?\\" + full;
+}
+
 // Where the first component that can be created starts: after "C:\" or "\\server\share\".
 size_t root_length(const std::wstring& p) {
     if (p.size() >= 2 && p[0] == L'\\' && p[1] == L'\\') {
@@ -134,9 +146,10 @@ size_t root_length(const std::wstring& p) {
     return p.size() >= 3 && p[1] == L':' ? 3 : 0;
 }
 
-// mkdir -p on an absolute path: ENOTDIR when a component exists and is not a directory.
-void make_directories(const std::wstring& dir) {
-    for (size_t pos = root_length(dir); pos != std::wstring::npos;) {
+// mkdir -p on an absolute path whose first `root` characters exist (the drive or share):
+// ENOTDIR when a component exists and is not a directory.
+void make_directories(const std::wstring& dir, size_t root) {
+    for (size_t pos = root; pos != std::wstring::npos;) {
         pos = dir.find_first_of(L"\\/", pos + 1);
         const std::wstring part = dir.substr(0, pos);
         const DWORD attrs = GetFileAttributesW(part.c_str());
@@ -152,8 +165,8 @@ void make_directories(const std::wstring& dir) {
 
 // Proves the directory writable by creating (and deleting on close) a probe file in it.
 void check_writable(const std::wstring& dir) {
-    const std::wstring probe =
-        dir + L"\\iocpnative-probe-" + std::to_wstring(GetCurrentProcessId()) + L".tmp";
+    const std::wstring probe = dir + (dir.back() == L'\\' ? L"" : L"\\") + L"iocpnative-probe-" +
+                               std::to_wstring(GetCurrentProcessId()) + L".tmp";
     HANDLE h = CreateFileW(probe.c_str(), GENERIC_WRITE, 0, nullptr, CREATE_ALWAYS,
                            FILE_ATTRIBUTE_TEMPORARY | FILE_FLAG_DELETE_ON_CLOSE, nullptr);
     if (h == INVALID_HANDLE_VALUE) {
@@ -279,16 +292,19 @@ void crash::prepare_thread() noexcept {
 void enable_crash_dumps(const std::string& directory) {
     if (directory.empty()) throw std::invalid_argument("crash dump directory must not be empty");
     const std::wstring abs = full_path(widen(directory));
-    make_directories(abs);
-    check_writable(abs);
-    if (abs.size() + kNameReserve >= kPathMax) {
+    const std::wstring ext = extended_length(abs);
+    make_directories(ext, root_length(abs) + (ext.size() - abs.size()));
+    check_writable(ext);
+    if (ext.size() + kNameReserve >= kPathMax) {
         throw make_system_error(ENAMETOOLONG, "crash dump directory path too long");
     }
     Locked lock;
     start_dump_thread_locked();
     crash::prepare_thread();
     const LONG next = g_prefix_index == 0 ? 1 : 0;
-    const std::wstring prefix = abs + L"\\iocpnative-";
+    // A drive's root ("C:\") ends in a backslash already; an extended-length path must not
+    // have two in a row.
+    const std::wstring prefix = ext + (ext.back() == L'\\' ? L"" : L"\\") + L"iocpnative-";
     std::memcpy(g_prefix[next], prefix.c_str(), (prefix.size() + 1) * sizeof(wchar_t));
     InterlockedExchange(&g_prefix_index, next);
     if (!g_installed) {
