@@ -21,8 +21,10 @@ from . import _native
 def enable_crash_dumps(directory: str | os.PathLike[str]) -> str:
     """Write a report into ``directory`` when native code crashes in this process.
 
-    The directory is created if missing (like ``mkdir -p``). Calling again re-targets the
-    handler to the new directory. Returns the absolute path of the directory in use.
+    The directory is created if missing (like ``mkdir -p``), and again at the crash if it has
+    been removed since; a report that still cannot be written is announced by one line on
+    stderr. Calling again re-targets the handler to the new directory. Returns the absolute
+    path of the directory in use.
 
     Call it from the main thread: the handler needs an alternate stack on a thread to report a
     stack overflow there, and this call gives one to the calling thread (the server's worker
