@@ -315,3 +315,41 @@ def test_report_name_already_taken_gets_a_number(tmp_path: Path) -> None:
     assert len(new) == 1, reports(tmp_path)
     assert re.match(r"^iocpnative-\d+-\d{8}T\d{6}Z-2\.crash$", new[0].name), new[0].name
     assert new[0].read_text().rstrip().endswith("end of report")
+
+
+def test_announcement_to_a_closed_pipe_still_dies_of_the_signal(tmp_path: Path) -> None:
+    # The stderr line must not change how the process dies: with SIGPIPE at its default (a C++
+    # host; Python ignores it) and stderr a pipe nobody reads any more, writing the line raised
+    # SIGPIPE, and the process died of that instead of SIGSEGV.
+    target = tmp_path / "dumps"
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import os, signal, sys
+                import iocpnative
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                iocpnative.enable_crash_dumps(sys.argv[1])
+                os.rmdir(sys.argv[1])
+                open(sys.argv[1], "w").close()
+                print("ready", flush=True)
+                sys.stdin.readline()  # the parent has closed our stderr's read end
+                iocpnative.trigger_test_crash()
+                """
+            ),
+            str(target),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_no_core_files,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.stderr.close()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == -signal.SIGSEGV

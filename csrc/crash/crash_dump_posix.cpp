@@ -6,12 +6,13 @@
 //
 // The handler is async-signal-safe (signal-safety(7)): no malloc, no stdio, no locks. It
 // formats into stack buffers with its own number formatting and calls only open, mkdir, write,
-// close, strlen, clock_gettime, nanosleep, getpid, syscall(SYS_gettid), sigaction and raise. Two
-// calls go beyond that list, as they do in every in-process crash reporter that prints a
-// backtrace: backtrace(), whose first call loads libgcc_s with dlopen (which mallocs and takes the
-// loader lock; the heap may be the very thing that is corrupt), so enable calls it once beforehand
-// and the handler only ever makes the later, allocation-free calls; and backtrace_symbols_fd(),
-// which unlike backtrace_symbols() writes straight to the descriptor without malloc.
+// close, strlen, memset, sigemptyset, clock_gettime, nanosleep, getpid, syscall(SYS_gettid),
+// sigaction and raise. Two calls go beyond that list, as they do in every in-process crash
+// reporter that prints a backtrace: backtrace(), whose first call loads libgcc_s with dlopen
+// (which mallocs and takes the loader lock; the heap may be the very thing that is corrupt), so
+// enable calls it once beforehand and the handler only ever makes the later, allocation-free
+// calls; and backtrace_symbols_fd(), which unlike backtrace_symbols() writes straight to the
+// descriptor without malloc.
 #ifndef _WIN32
 
 #include <execinfo.h>
@@ -209,6 +210,15 @@ int create_report_file(int prefix_index, const crash_text::Civil& now) noexcept 
     const int fd = open_report(prefix_index, now, path, sizeof path);
     if (fd >= 0) return fd;
     const int err = errno;
+    // stderr may be a pipe nobody reads any more: the write would raise SIGPIPE, and its
+    // default action would end the process with that signal instead of the one we pass on.
+    // An ignored SIGPIPE is discarded, so ignore it for these writes only.
+    struct sigaction ignore_pipe;
+    struct sigaction previous_pipe;
+    std::memset(&ignore_pipe, 0, sizeof ignore_pipe);
+    ignore_pipe.sa_handler = SIG_IGN;
+    sigemptyset(&ignore_pipe.sa_mask);
+    const bool pipe_ignored = sigaction(SIGPIPE, &ignore_pipe, &previous_pipe) == 0;
     static const char kLead[] = "iocpnative: no crash report written: cannot create ";
     write_all(STDERR_FILENO, kLead, sizeof kLead - 1);
     write_all(STDERR_FILENO, path, std::strlen(path));
@@ -218,6 +228,7 @@ int create_report_file(int prefix_index, const crash_text::Civil& now) noexcept 
     t.put_dec(err);
     t.put(")\n");
     write_all(STDERR_FILENO, t.data(), t.size());
+    if (pipe_ignored) sigaction(SIGPIPE, &previous_pipe, nullptr);
     return -1;
 }
 
