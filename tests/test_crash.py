@@ -235,3 +235,121 @@ def test_directory_under_a_regular_file_is_enotdir(tmp_path: Path) -> None:
 def test_empty_directory_is_rejected() -> None:
     with pytest.raises(ValueError):
         iocpnative.enable_crash_dumps("")
+
+
+def test_directory_name_that_is_not_utf8(tmp_path: Path) -> None:
+    # Linux file names are bytes; Python hands an undecodable byte to us as a surrogate escape
+    # (os.fsdecode), as os.listdir and sys.argv do. Such a directory must work like any other,
+    # given directly or reached through a symlink (the returned path is the resolved one).
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9")
+    link = tmp_path / "link"
+    link.symlink_to(latin1, target_is_directory=True)
+    try:
+        for given in (latin1, link):
+            assert iocpnative.enable_crash_dumps(given) == str(latin1)
+            assert iocpnative.crash_dump_directory() == str(latin1)
+    finally:
+        iocpnative.disable_crash_dumps()
+    assert latin1.is_dir()
+
+
+def test_directory_removed_after_enable_is_created_again(tmp_path: Path) -> None:
+    # A long-running server outlives its empty crash directory (a /tmp cleaner, say): the
+    # report must not be lost for it. enable promised the directory is created if missing.
+    target = tmp_path / "a" / "b"
+    child = run_child(
+        """
+        import os, sys
+        import iocpnative
+        iocpnative.enable_crash_dumps(sys.argv[1])
+        os.rmdir(sys.argv[1])
+        os.rmdir(os.path.dirname(sys.argv[1]))
+        iocpnative.trigger_test_crash()
+        """,
+        str(target),
+    )
+    assert child.returncode == -signal.SIGSEGV, child.stderr
+    assert "signal: SIGSEGV (11)\n" in only_report(target)
+
+
+def test_report_that_cannot_be_written_is_announced_on_stderr(tmp_path: Path) -> None:
+    # The directory became a regular file: no report can be written, and the process must say
+    # so (and still die of the signal) rather than leave the user looking for a file.
+    target = tmp_path / "dumps"
+    child = run_child(
+        """
+        import os, sys
+        import iocpnative
+        iocpnative.enable_crash_dumps(sys.argv[1])
+        os.rmdir(sys.argv[1])
+        open(sys.argv[1], "w").close()
+        iocpnative.trigger_test_crash()
+        """,
+        str(target),
+    )
+    assert child.returncode == -signal.SIGSEGV, child.stderr
+    assert "iocpnative: no crash report written: cannot create " + str(target) in child.stderr
+    assert f"(errno {errno.ENOTDIR})" in child.stderr
+
+
+def test_report_name_already_taken_gets_a_number(tmp_path: Path) -> None:
+    # In a PID namespace (a container restarted after a crash) the next crash can have the same
+    # pid within the same second: the name is taken, and the new report must not be lost.
+    child = run_child(
+        """
+        import os, sys, time
+        import iocpnative
+        where = iocpnative.enable_crash_dumps(sys.argv[1])
+        now = int(time.time())
+        for second in range(now - 1, now + 5):  # every name this crash can get
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(second))
+            name = f"iocpnative-{os.getpid()}-{stamp}.crash"
+            with open(os.path.join(where, name), "w") as taken:
+                taken.write("an older report\\n")
+        iocpnative.trigger_test_crash()
+        """,
+        str(tmp_path),
+    )
+    assert child.returncode == -signal.SIGSEGV, child.stderr
+    new = [p for p in reports(tmp_path) if p.read_text() != "an older report\n"]
+    assert len(new) == 1, reports(tmp_path)
+    assert re.match(r"^iocpnative-\d+-\d{8}T\d{6}Z-2\.crash$", new[0].name), new[0].name
+    assert new[0].read_text().rstrip().endswith("end of report")
+
+
+def test_announcement_to_a_closed_pipe_still_dies_of_the_signal(tmp_path: Path) -> None:
+    # The stderr line must not change how the process dies: with SIGPIPE at its default (a C++
+    # host; Python ignores it) and stderr a pipe nobody reads any more, writing the line raised
+    # SIGPIPE, and the process died of that instead of SIGSEGV.
+    target = tmp_path / "dumps"
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import os, signal, sys
+                import iocpnative
+                signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+                iocpnative.enable_crash_dumps(sys.argv[1])
+                os.rmdir(sys.argv[1])
+                open(sys.argv[1], "w").close()
+                print("ready", flush=True)
+                sys.stdin.readline()  # the parent has closed our stderr's read end
+                iocpnative.trigger_test_crash()
+                """
+            ),
+            str(target),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_no_core_files,
+    ) as proc:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == "ready\n"
+        proc.stderr.close()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == -signal.SIGSEGV

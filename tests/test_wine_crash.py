@@ -52,8 +52,15 @@ def wine_server() -> str:
     return SERVER
 
 
-def test_server_test_crash_writes_minidump(wine_server: str, tmp_path: Path) -> None:
-    dumps = tmp_path / "dumps" / "nested"  # missing: the server creates it
+# "nested": a missing directory the server creates. "deep": longer than MAX_PATH (260), which
+# Windows refuses without the extended-length (\\?\) form unless long paths are enabled by
+# policy and manifest; wine has no such limit, so here it checks that the \\?\ form works.
+@pytest.mark.parametrize("depth", ["nested", "deep"])
+def test_server_test_crash_writes_minidump(wine_server: str, tmp_path: Path, depth: str) -> None:
+    dumps = tmp_path / "dumps" / "nested"
+    if depth == "deep":
+        dumps = dumps.joinpath(*(c * 100 for c in "abc"))
+        assert len(windows_path(dumps)) > 300
     env = {
         **os.environ,
         "WINEDEBUG": "-all",

@@ -5,13 +5,14 @@
 // libc with <execinfo.h> (glibc's backtrace() and backtrace_symbols_fd()).
 //
 // The handler is async-signal-safe (signal-safety(7)): no malloc, no stdio, no locks. It
-// formats into stack buffers with its own number formatting and calls only open, write, close,
-// clock_gettime, nanosleep, getpid, syscall(SYS_gettid), sigaction and raise. Two calls go
-// beyond that list, as they do in every in-process crash reporter that prints a backtrace:
-// backtrace(), whose first call loads libgcc_s with dlopen (which mallocs and takes the loader
-// lock; the heap may be the very thing that is corrupt), so enable calls it once beforehand and
-// the handler only ever makes the later, allocation-free calls; and backtrace_symbols_fd(), which
-// unlike backtrace_symbols() writes straight to the descriptor without malloc.
+// formats into stack buffers with its own number formatting and calls only open, mkdir, write,
+// close, strlen, memset, sigemptyset, clock_gettime, nanosleep, getpid, syscall(SYS_gettid),
+// sigaction and raise. Two calls go beyond that list, as they do in every in-process crash
+// reporter that prints a backtrace: backtrace(), whose first call loads libgcc_s with dlopen
+// (which mallocs and takes the loader lock; the heap may be the very thing that is corrupt), so
+// enable calls it once beforehand and the handler only ever makes the later, allocation-free
+// calls; and backtrace_symbols_fd(), which unlike backtrace_symbols() writes straight to the
+// descriptor without malloc.
 #ifndef _WIN32
 
 #include <execinfo.h>
@@ -54,8 +55,10 @@ constexpr FatalSignal kSignals[kSignalCount] = {
     {SIGILL, "SIGILL"},   {SIGABRT, "SIGABRT"},
 };
 
-// Room after the directory for "/iocpnative-<pid>-<YYYYMMDDTHHMMSSZ>.crash" and the NUL.
+// Room after the directory for "/iocpnative-<pid>-<YYYYMMDDTHHMMSSZ>-<n>.crash" and the NUL.
 constexpr size_t kNameReserve = 64;
+// A report whose name is taken is numbered -2, -3, ... up to this.
+constexpr int kMaxReportNumber = 100;
 
 // Written by enable/disable under g_mutex; the handler only reads. g_previous[i] is filled
 // before our handler is installed for that signal and is not touched while it is installed.
@@ -149,17 +152,84 @@ void write_all(int fd, const char* data, size_t len) noexcept {
     }
 }
 
-// Opens "<prefix><pid>-<timestamp>.crash"; -1 when disarmed or the file cannot be created.
-int open_report(int prefix_index, const crash_text::Civil& now) noexcept {
+// mkdir -p of the directory part of `path` (all before its last '/'), in place: each '/' is cut
+// to a NUL for one mkdir(2) and put back. A component that exists fails with EEXIST, harmlessly.
+void make_parent_directories(char* path) noexcept {
+    size_t last = 0;
+    for (size_t i = 1; path[i] != '\0'; ++i) {
+        if (path[i] == '/') last = i;
+    }
+    for (size_t i = 1; i <= last; ++i) {
+        if (path[i] != '/') continue;
+        path[i] = '\0';
+        mkdir(path, 0777);
+        path[i] = '/';
+    }
+}
+
+// Opens "<prefix><pid>-<timestamp>.crash" in `path` and returns the descriptor, or -1 with
+// errno set and `path` naming the file that could not be created. The directory is created
+// again if it has gone since enable (a /tmp cleaner removes an old empty one). A name already
+// taken (a pid reused within the same second, as in a restarted container's PID namespace)
+// gets "-2", "-3", ... before ".crash" instead of losing the report.
+int open_report(int prefix_index, const crash_text::Civil& now, char* path, size_t cap) noexcept {
+    bool directory_made = false;
+    for (int number = 1; number <= kMaxReportNumber;) {
+        crash_text::Text p(path, cap);
+        p.put(g_prefix[prefix_index]);
+        p.put_dec(static_cast<int64_t>(getpid()));
+        p.put("-");
+        p.put_compact_time(now);
+        if (number > 1) {
+            p.put("-");
+            p.put_dec(number);
+        }
+        p.put(".crash");
+        if (p.truncated()) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        const int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (fd >= 0) return fd;
+        if (errno == EEXIST) {
+            ++number;
+        } else if (errno == ENOENT && !directory_made) {
+            make_parent_directories(path);
+            directory_made = true;
+        } else {
+            return -1;
+        }
+    }
+    return -1;
+}
+
+// The report file, or -1 after one line on stderr saying which file could not be created and
+// why (errno by number: strerror is not async-signal-safe), so that a lost report is not silent.
+int create_report_file(int prefix_index, const crash_text::Civil& now) noexcept {
     char path[PATH_MAX];
-    crash_text::Text p(path, sizeof path);
-    p.put(g_prefix[prefix_index]);
-    p.put_dec(static_cast<int64_t>(getpid()));
-    p.put("-");
-    p.put_compact_time(now);
-    p.put(".crash");
-    if (p.truncated()) return -1;
-    return open(p.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    const int fd = open_report(prefix_index, now, path, sizeof path);
+    if (fd >= 0) return fd;
+    const int err = errno;
+    // stderr may be a pipe nobody reads any more: the write would raise SIGPIPE, and its
+    // default action would end the process with that signal instead of the one we pass on.
+    // An ignored SIGPIPE is discarded, so ignore it for these writes only.
+    struct sigaction ignore_pipe;
+    struct sigaction previous_pipe;
+    std::memset(&ignore_pipe, 0, sizeof ignore_pipe);
+    ignore_pipe.sa_handler = SIG_IGN;
+    sigemptyset(&ignore_pipe.sa_mask);
+    const bool pipe_ignored = sigaction(SIGPIPE, &ignore_pipe, &previous_pipe) == 0;
+    static const char kLead[] = "iocpnative: no crash report written: cannot create ";
+    write_all(STDERR_FILENO, kLead, sizeof kLead - 1);
+    write_all(STDERR_FILENO, path, std::strlen(path));
+    char tail[32];
+    crash_text::Text t(tail, sizeof tail);
+    t.put(" (errno ");
+    t.put_dec(err);
+    t.put(")\n");
+    write_all(STDERR_FILENO, t.data(), t.size());
+    if (pipe_ignored) sigaction(SIGPIPE, &previous_pipe, nullptr);
+    return -1;
 }
 
 void write_report(int sig, const siginfo_t* info, const void* uctx, long tid) noexcept {
@@ -168,7 +238,7 @@ void write_report(int sig, const siginfo_t* info, const void* uctx, long tid) no
     struct timespec ts = {};
     clock_gettime(CLOCK_REALTIME, &ts);
     const crash_text::Civil now = crash_text::to_civil(static_cast<int64_t>(ts.tv_sec));
-    const int fd = open_report(prefix_index, now);
+    const int fd = create_report_file(prefix_index, now);
     if (fd < 0) return;  // nowhere to write: the process still dies of the signal below
 
     char buf[2048];

@@ -23,6 +23,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <cstring>
+#include <cwchar>
 #include <stdexcept>
 #include <string>
 
@@ -38,6 +39,8 @@ namespace {
 constexpr DWORD kPathMax = 32768;  // the longest \\?\ path Windows accepts, in UTF-16 units
 constexpr size_t kNameReserve = 64;
 constexpr DWORD kDumpTimeoutMs = 120 * 1000;
+// A dump whose name is taken is numbered -2, -3, ... up to this.
+constexpr int kMaxDumpNumber = 100;
 
 // Written by enable/disable under g_lock. The filter and the dump thread only read; the
 // prefix ("<dir>\iocpnative-") uses two buffers and a published index, as on POSIX, so that
@@ -45,6 +48,7 @@ constexpr DWORD kDumpTimeoutMs = 120 * 1000;
 SRWLOCK g_lock = SRWLOCK_INIT;  // an SRW lock: std::mutex is missing with win32-thread MinGW
 std::string g_directory;
 wchar_t g_prefix[2][kPathMax];
+size_t g_root_length[2] = {};  // of g_prefix[i]: the drive or share, which is never created
 volatile LONG g_prefix_index = -1;
 bool g_installed = false;
 LPTOP_LEVEL_EXCEPTION_FILTER g_previous_filter = nullptr;
@@ -122,6 +126,18 @@ std::wstring full_path(const std::wstring& path) {
     return out;
 }
 
+// The extended-length ("\\?\") form of a full path from GetFullPathNameW. Without it every
+// file call is limited to MAX_PATH (260 UTF-16 units; 248 for CreateDirectoryW) unless both the
+// LongPathsEnabled policy and the executable's manifest opt in, so a deep directory was created
+// (or refused) by a path the dump could not then be written to. The prefix turns off the Win32
+// path rewriting, which is safe here: GetFullPathNameW has already made the path absolute, with
+// backslashes and no "." or ".." components.
+std::wstring extended_length(const std::wstring& full) {
+    if (full.compare(0, 4, L"\\\\?\\") == 0 || full.compare(0, 4, L"\\\\.\\") == 0) return full;
+    if (full.compare(0, 2, L"\\\\") == 0) return L"\\\\?\\UNC\\" + full.substr(2);
+    return L"\\\\?\\" + full;
+}
+
 // Where the first component that can be created starts: after "C:\" or "\\server\share\".
 size_t root_length(const std::wstring& p) {
     if (p.size() >= 2 && p[0] == L'\\' && p[1] == L'\\') {
@@ -134,9 +150,10 @@ size_t root_length(const std::wstring& p) {
     return p.size() >= 3 && p[1] == L':' ? 3 : 0;
 }
 
-// mkdir -p on an absolute path: ENOTDIR when a component exists and is not a directory.
-void make_directories(const std::wstring& dir) {
-    for (size_t pos = root_length(dir); pos != std::wstring::npos;) {
+// mkdir -p on an absolute path whose first `root` characters exist (the drive or share):
+// ENOTDIR when a component exists and is not a directory.
+void make_directories(const std::wstring& dir, size_t root) {
+    for (size_t pos = root; pos != std::wstring::npos;) {
         pos = dir.find_first_of(L"\\/", pos + 1);
         const std::wstring part = dir.substr(0, pos);
         const DWORD attrs = GetFileAttributesW(part.c_str());
@@ -152,8 +169,8 @@ void make_directories(const std::wstring& dir) {
 
 // Proves the directory writable by creating (and deleting on close) a probe file in it.
 void check_writable(const std::wstring& dir) {
-    const std::wstring probe =
-        dir + L"\\iocpnative-probe-" + std::to_wstring(GetCurrentProcessId()) + L".tmp";
+    const std::wstring probe = dir + (dir.back() == L'\\' ? L"" : L"\\") + L"iocpnative-probe-" +
+                               std::to_wstring(GetCurrentProcessId()) + L".tmp";
     HANDLE h = CreateFileW(probe.c_str(), GENERIC_WRITE, 0, nullptr, CREATE_ALWAYS,
                            FILE_ATTRIBUTE_TEMPORARY | FILE_FLAG_DELETE_ON_CLOSE, nullptr);
     if (h == INVALID_HANDLE_VALUE) {
@@ -162,22 +179,18 @@ void check_writable(const std::wstring& dir) {
     CloseHandle(h);
 }
 
-// "<prefix><pid>-<YYYYMMDDTHHMMSSZ>.dmp" into `out` (kPathMax wide characters).
-bool dump_path(int prefix_index, wchar_t* out) noexcept {
-    SYSTEMTIME st;
-    GetSystemTime(&st);
-    crash_text::Civil now{};
-    now.year = st.wYear;
-    now.month = st.wMonth;
-    now.day = st.wDay;
-    now.hour = st.wHour;
-    now.minute = st.wMinute;
-    now.second = st.wSecond;
+// "<prefix><pid>-<YYYYMMDDTHHMMSSZ>.dmp", or "-<number>.dmp" for number >= 2, into `out`
+// (kPathMax wide characters).
+bool dump_path(int prefix_index, const crash_text::Civil& now, int number, wchar_t* out) noexcept {
     char name[kNameReserve];
     crash_text::Text t(name, sizeof name);
     t.put_dec(static_cast<int64_t>(GetCurrentProcessId()));
     t.put("-");
     t.put_compact_time(now);
+    if (number > 1) {
+        t.put("-");
+        t.put_dec(number);
+    }
     t.put(".dmp");
     if (t.truncated()) return false;
     size_t n = 0;
@@ -191,14 +204,96 @@ bool dump_path(int prefix_index, wchar_t* out) noexcept {
     return true;
 }
 
+// CreateDirectoryW for each directory of `path` after its first `root` characters, in place:
+// each backslash is cut to a NUL for one call and put back. One that exists fails, harmlessly.
+void make_parent_directories(wchar_t* path, size_t root) noexcept {
+    size_t last = 0;
+    for (size_t i = root; path[i] != L'\0'; ++i) {
+        if (path[i] == L'\\') last = i;
+    }
+    for (size_t i = root; i <= last; ++i) {
+        if (path[i] != L'\\') continue;
+        path[i] = L'\0';
+        CreateDirectoryW(path, nullptr);
+        path[i] = L'\\';
+    }
+}
+
+// Creates the dump file, or returns INVALID_HANDLE_VALUE with the last error set and `path`
+// naming the file that could not be created. As on POSIX: the directory is created again if it
+// has gone since enable, and a name already taken (a pid reused within the same second) gets
+// "-2", "-3", ... instead of losing the dump.
+HANDLE create_dump_file(int prefix_index, wchar_t* path) noexcept {
+    SYSTEMTIME st;
+    GetSystemTime(&st);
+    crash_text::Civil now{};
+    now.year = st.wYear;
+    now.month = st.wMonth;
+    now.day = st.wDay;
+    now.hour = st.wHour;
+    now.minute = st.wMinute;
+    now.second = st.wSecond;
+    bool directory_made = false;
+    for (int number = 1; number <= kMaxDumpNumber;) {
+        if (!dump_path(prefix_index, now, number, path)) {
+            SetLastError(ERROR_FILENAME_EXCED_RANGE);
+            return INVALID_HANDLE_VALUE;
+        }
+        HANDLE file = CreateFileW(path, GENERIC_WRITE, 0, nullptr, CREATE_NEW,
+                                  FILE_ATTRIBUTE_NORMAL, nullptr);
+        if (file != INVALID_HANDLE_VALUE) return file;
+        const DWORD err = GetLastError();
+        if (err == ERROR_FILE_EXISTS || err == ERROR_ALREADY_EXISTS) {
+            ++number;
+        } else if (err == ERROR_PATH_NOT_FOUND && !directory_made) {
+            make_parent_directories(path, g_root_length[prefix_index]);
+            directory_made = true;
+        } else {
+            SetLastError(err);
+            return INVALID_HANDLE_VALUE;
+        }
+    }
+    return INVALID_HANDLE_VALUE;
+}
+
+// One line on stderr when no dump could be written, so that its absence is not silent: the
+// path in UTF-8 without its \\?\ prefix, and the Windows error code.
+void announce_no_dump(const wchar_t* path, DWORD err) noexcept {
+    HANDLE out = GetStdHandle(STD_ERROR_HANDLE);
+    if (out == nullptr || out == INVALID_HANDLE_VALUE) return;
+    static char utf8[kPathMax * 3];  // only the dump thread uses these, once
+    static char line[kPathMax * 3 + 128];
+    const bool unc = std::wcsncmp(path, L"\\\\?\\UNC\\", 8) == 0;
+    const wchar_t* shown = path;
+    if (unc) {
+        shown = path + 8;
+    } else if (std::wcsncmp(path, L"\\\\?\\", 4) == 0) {
+        shown = path + 4;
+    }
+    if (WideCharToMultiByte(CP_UTF8, 0, shown, -1, utf8, static_cast<int>(sizeof utf8), nullptr,
+                            nullptr) == 0) {
+        utf8[0] = '\0';
+    }
+    crash_text::Text t(line, sizeof line);
+    t.put("iocpnative: no crash dump written: cannot create ");
+    if (unc) t.put("\\\\");
+    t.put(utf8);
+    t.put(" (Windows error ");
+    t.put_dec(static_cast<int64_t>(err));
+    t.put(")\n");
+    DWORD written = 0;
+    WriteFile(out, t.data(), static_cast<DWORD>(t.size()), &written, nullptr);
+}
+
 void write_dump() noexcept {
     const LONG prefix_index = g_prefix_index;
     if (prefix_index < 0) return;
     static wchar_t path[kPathMax];  // only the dump thread uses it, once
-    if (!dump_path(static_cast<int>(prefix_index), path)) return;
-    HANDLE file =
-        CreateFileW(path, GENERIC_WRITE, 0, nullptr, CREATE_NEW, FILE_ATTRIBUTE_NORMAL, nullptr);
-    if (file == INVALID_HANDLE_VALUE) return;  // nowhere to write: the process still dies
+    HANDLE file = create_dump_file(static_cast<int>(prefix_index), path);
+    if (file == INVALID_HANDLE_VALUE) {
+        announce_no_dump(path, GetLastError());
+        return;  // nowhere to write: the process still dies
+    }
     MINIDUMP_EXCEPTION_INFORMATION info;
     info.ThreadId = g_fault_thread_id;
     info.ExceptionPointers = g_exception;
@@ -279,17 +374,22 @@ void crash::prepare_thread() noexcept {
 void enable_crash_dumps(const std::string& directory) {
     if (directory.empty()) throw std::invalid_argument("crash dump directory must not be empty");
     const std::wstring abs = full_path(widen(directory));
-    make_directories(abs);
-    check_writable(abs);
-    if (abs.size() + kNameReserve >= kPathMax) {
+    const std::wstring ext = extended_length(abs);
+    const size_t root = root_length(abs) + (ext.size() - abs.size());
+    make_directories(ext, root);
+    check_writable(ext);
+    if (ext.size() + kNameReserve >= kPathMax) {
         throw make_system_error(ENAMETOOLONG, "crash dump directory path too long");
     }
     Locked lock;
     start_dump_thread_locked();
     crash::prepare_thread();
     const LONG next = g_prefix_index == 0 ? 1 : 0;
-    const std::wstring prefix = abs + L"\\iocpnative-";
+    // A drive's root ("C:\") ends in a backslash already; an extended-length path must not
+    // have two in a row.
+    const std::wstring prefix = ext + (ext.back() == L'\\' ? L"" : L"\\") + L"iocpnative-";
     std::memcpy(g_prefix[next], prefix.c_str(), (prefix.size() + 1) * sizeof(wchar_t));
+    g_root_length[next] = root;
     InterlockedExchange(&g_prefix_index, next);
     if (!g_installed) {
         g_previous_filter = SetUnhandledExceptionFilter(on_unhandled_exception);

@@ -21,8 +21,10 @@ from . import _native
 def enable_crash_dumps(directory: str | os.PathLike[str]) -> str:
     """Write a report into ``directory`` when native code crashes in this process.
 
-    The directory is created if missing (like ``mkdir -p``). Calling again re-targets the
-    handler to the new directory. Returns the absolute path of the directory in use.
+    The directory is created if missing (like ``mkdir -p``), and again at the crash if it has
+    been removed since; a report that still cannot be written is announced by one line on
+    stderr. Calling again re-targets the handler to the new directory. Returns the absolute
+    path of the directory in use.
 
     Call it from the main thread: the handler needs an alternate stack on a thread to report a
     stack overflow there, and this call gives one to the calling thread (the server's worker
@@ -37,7 +39,8 @@ def enable_crash_dumps(directory: str | os.PathLike[str]) -> str:
         raise TypeError(f"directory must be str or os.PathLike[str], not {type(path).__name__}")
     if not path:
         raise ValueError("crash dump directory must not be empty")
-    _native.enable_crash_dumps(path)
+    # Bytes as the OS spells the name: a str may carry surrogate escapes of undecodable bytes.
+    _native.enable_crash_dumps(os.fsencode(path))
     return _native.crash_dump_directory()
 
 
