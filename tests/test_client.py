@@ -248,5 +248,10 @@ def test_run_client_loop_errors(server) -> None:
         iocpnative.run_client_loop(port=server.port, interval=-1, count=1)
     with pytest.raises(ValueError, match="count"):
         iocpnative.run_client_loop(port=server.port, interval=0, count=0)
+    # Finite, but beyond what time.sleep() takes: an OverflowError after the first reply before.
+    for huge in (1e10, 1e300):
+        with pytest.raises(ValueError, match="interval"):
+            iocpnative.run_client_loop(port=server.port, interval=huge, count=2)
+    assert server.stats().total_connections == 0  # refused before connecting
     with pytest.raises(ConnectionRefusedError):
         iocpnative.run_client_loop(port=free_closed_port(), interval=0, count=1)
