@@ -13,6 +13,10 @@
 
 namespace {
 
+// As python -m iocpnative client: sleep_for() of inf or 1e300 seconds overflows its conversion to
+// clock ticks (undefined behaviour: it returned at once here).
+constexpr double kMaxIntervalS = 1e6;
+
 const char kUsage[] =
     "usage: iocpnative-client [--host HOST] [--port PORT] [--interval SECONDS] [--count N]\n"
     "                         [--timeout SECONDS]\n"
@@ -39,7 +43,7 @@ Settings parse(int argc, char** argv) {
         } else if (f == "--port") {
             s.port = static_cast<uint16_t>(opt.integer(1, 65535));
         } else if (f == "--interval") {
-            s.interval = opt.number(0.0);
+            s.interval = opt.number(0.0, kMaxIntervalS);
         } else if (f == "--count") {
             s.count = opt.integer(1, 1LL << 62);
         } else if (f == "--timeout") {
