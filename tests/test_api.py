@@ -195,7 +195,8 @@ def test_backend_not_available_here_names_the_usable_ones() -> None:
 
 def test_serve_forever_poll_interval_is_checked_before_starting() -> None:
     srv = iocpnative.Server(port=0)
-    for bad in (-1, 0, math.nan, "x"):  # -1 and 0 busy-spun; "x" failed after the start
+    # -1 and 0 busy-spun; "x" failed after the start, 1e300 too (OverflowError in Event.wait)
+    for bad in (-1, 0, math.nan, "x", 1e300):
         with pytest.raises(ValueError, match="poll_interval must be"):
             srv.serve_forever(poll_interval=bad)  # type: ignore[arg-type]
         assert not srv.running

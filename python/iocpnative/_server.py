@@ -274,6 +274,11 @@ class Server:
         The final ``stop()`` gets ``stop_timeout`` seconds (``TimeoutError`` as in ``stop()``).
         """
         poll = check_timeout("poll_interval", poll_interval, allow_none=False)
+        if poll is not None and poll > threading.TIMEOUT_MAX:  # Event.wait() would overflow
+            raise ValueError(
+                f"poll_interval must be a number of seconds <= {threading.TIMEOUT_MAX:g}, "
+                f"got {poll_interval!r}"
+            )
         stop_t = check_timeout("stop_timeout", stop_timeout, allow_none=False)
         previous: dict[int, Any] = {}
 
