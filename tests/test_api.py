@@ -246,6 +246,25 @@ def test_port_held_by_a_plain_socket_raises_eaddrinuse(make_server) -> None:
         assert info.value.errno == errno.EADDRINUSE
 
 
+def test_start_again_after_the_port_was_taken(make_server) -> None:
+    """README: a start() that failed before any worker ran leaves the server as it was."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        srv = make_server(start=False, port=port)
+        with pytest.raises(OSError):
+            srv.start()
+        assert not srv.running
+    srv.start()
+    assert srv.running
+    assert srv.port == port
+    with iocpnative.Client(port=port) as cli:
+        assert cli.request(b"second start") == b"second start"
+    srv.stop()
+    assert_drained(srv)
+
+
 def test_failed_start_leaves_no_fds_or_threads(make_server, baseline) -> None:
     first = make_server()
     after_first = type(baseline).now()
