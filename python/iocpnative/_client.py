@@ -14,7 +14,7 @@ BytesLike = bytes | bytearray | memoryview
 
 
 class Client:
-    """A connected TCP client. Every call blocks at most ``timeout`` seconds.
+    """A connected TCP client. Every call blocks at most ``timeout`` seconds (``None``: no limit).
 
     Raises ``ConnectionRefusedError`` when nothing listens, ``TimeoutError`` at the deadline,
     ``ConnectionError`` when the server closes in the middle of ``request()``.
