@@ -1,6 +1,7 @@
 // iocpnative-client: the seed's client, built from the core. Sends "No:1", "No:2", ... every
 // --interval seconds, prints each reply as "Recv: No:n", and ends after --count messages (or
-// never). Same flags as `python -m iocpnative client`.
+// never). Same flags as `python -m iocpnative client`; --timeout 0 means no limit here (the
+// Python CLI refuses 0).
 #include <chrono>
 #include <cstdio>
 #include <exception>
