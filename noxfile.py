@@ -6,7 +6,8 @@ lint       ruff + clang-format check
 bench      side-by-side benchmark with ../shared/bench -> docs/benchmarks.md + .png (`-- --quick`)
 mingw      cross-build for Windows (MinGW-w64), run the C++ tests and the wine tests under wine
 sanitize   C++ tests under ASan+UBSan (LSan on) and TSan; pytest against an ASan build of the module
-valgrind   the C++ stress test under memcheck: 0 bytes definitely/indirectly lost, 0 errors
+valgrind   the C++ stress and server tests under memcheck (epoll): 0 bytes definitely/indirectly
+           lost, 0 errors
 soak       mixed traffic for N minutes (``nox -s soak -- --minutes N``), echoes and RSS checked
 """
 
@@ -327,7 +328,8 @@ def _check_valgrind_log(session: nox.Session, log: Path) -> None:
 
 @nox.session(reuse_venv=True)
 def valgrind(session: nox.Session) -> None:
-    """The C++ stress test (hundreds of clients, data in flight, stop) under valgrind memcheck."""
+    """The C++ stress test (hundreds of clients, data in flight, stop) and the server tests under
+    valgrind memcheck, on epoll (memcheck cannot follow io_uring)."""
     session.install("cmake", "ninja")
     build_dir = ROOT / "build" / "valgrind"
     targets = tuple(exe for exe, _ in VALGRIND_TESTS)

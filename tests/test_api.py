@@ -195,7 +195,8 @@ def test_backend_not_available_here_names_the_usable_ones() -> None:
 
 def test_serve_forever_poll_interval_is_checked_before_starting() -> None:
     srv = iocpnative.Server(port=0)
-    for bad in (-1, 0, math.nan, "x"):  # -1 and 0 busy-spun; "x" failed after the start
+    # -1 and 0 busy-spun; "x" failed after the start, 1e300 too (OverflowError in Event.wait)
+    for bad in (-1, 0, math.nan, "x", 1e300):
         with pytest.raises(ValueError, match="poll_interval must be"):
             srv.serve_forever(poll_interval=bad)  # type: ignore[arg-type]
         assert not srv.running
@@ -243,6 +244,25 @@ def test_port_held_by_a_plain_socket_raises_eaddrinuse(make_server) -> None:
         with pytest.raises(OSError) as info:
             srv.start()
         assert info.value.errno == errno.EADDRINUSE
+
+
+def test_start_again_after_the_port_was_taken(make_server) -> None:
+    """README: a start() that failed before any worker ran leaves the server as it was."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        srv = make_server(start=False, port=port)
+        with pytest.raises(OSError):
+            srv.start()
+        assert not srv.running
+    srv.start()
+    assert srv.running
+    assert srv.port == port
+    with iocpnative.Client(port=port) as cli:
+        assert cli.request(b"second start") == b"second start"
+    srv.stop()
+    assert_drained(srv)
 
 
 def test_failed_start_leaves_no_fds_or_threads(make_server, baseline) -> None:

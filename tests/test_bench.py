@@ -241,6 +241,11 @@ def test_fixed_rate_with_a_silent_server_is_an_error() -> None:
         {"threads": 0},
         {"pipeline": 0},
         {"connections": True},
+        # Too big for the native int/size_t: a TypeError from the binding before.
+        {"host": "127.0.0.1", "port": 1, "connections": 10**10},
+        {"host": "127.0.0.1", "port": 1, "size": 2**64},
+        {"host": "127.0.0.1", "port": 1, "threads": 2**31},
+        {"host": "127.0.0.1", "port": 1, "pipeline": 2**40},
         {"host": "127.0.0.1"},  # port missing
         {"host": "127.0.0.1", "port": 1, "workers": 2},  # server option with an external server
         {"backend": "nope"},
@@ -261,6 +266,8 @@ def test_bad_values_rejected(kwargs: dict) -> None:
         ["--rate", "1e12"],
         ["--duration", "1e10"],
         ["--threads", "0"],
+        ["--host", "127.0.0.1", "--port", "1", "--connections", "10000000000"],  # a traceback
+        ["--host", "127.0.0.1", "--port", "1", "--size", "100000000000000000000"],
         ["--host", "127.0.0.1", "--port", "1", "--workers", "2"],
     ],
 )

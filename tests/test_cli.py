@@ -270,6 +270,8 @@ def test_server_port_in_use(make_server) -> None:
         (["client", "--port", "6000", "--interval", "inf"], "interval must be"),  # time.sleep
         (["client", "--port", "6000", "--interval", "nan"], "interval must be"),
         (["demo", "--interval", "inf"], "interval must be"),
+        (["client", "--port", "6000", "--interval", "1e10"], "interval must be"),  # time.sleep
+        (["demo", "--interval", "1e300"], "interval must be"),
         (["client", "--port", "6000", "--timeout", "0"], "timeout must be"),
         (["demo", "--workers", "0"], "workers must be"),
     ],

@@ -127,6 +127,19 @@ def test_timeout_when_the_reply_stops_halfway(raw_server) -> None:
         assert 0.25 <= time.monotonic() - t0 < 0.55
 
 
+def test_timeout_none_waits_without_limit(raw_server) -> None:
+    """Client's docstring: timeout=None sets no deadline (a slow reply is waited for)."""
+
+    def echo_late(conn: socket.socket) -> None:
+        data = recv_exactly(conn, 4)
+        time.sleep(0.3)
+        conn.sendall(data)
+
+    port = raw_server(echo_late)
+    with iocpnative.Client(port=port, timeout=None) as cli:
+        assert cli.request(b"late") == b"late"
+
+
 @pytest.mark.parametrize("call", ["request", "recv"])
 def test_a_signal_while_waiting_loses_nothing(raw_server, call: str) -> None:
     """A signal while request() or recv() waits for data (EINTR) neither loses nor repeats bytes."""
@@ -248,5 +261,10 @@ def test_run_client_loop_errors(server) -> None:
         iocpnative.run_client_loop(port=server.port, interval=-1, count=1)
     with pytest.raises(ValueError, match="count"):
         iocpnative.run_client_loop(port=server.port, interval=0, count=0)
+    # Finite, but beyond what time.sleep() takes: an OverflowError after the first reply before.
+    for huge in (1e10, 1e300):
+        with pytest.raises(ValueError, match="interval"):
+            iocpnative.run_client_loop(port=server.port, interval=huge, count=2)
+    assert server.stats().total_connections == 0  # refused before connecting
     with pytest.raises(ConnectionRefusedError):
         iocpnative.run_client_loop(port=free_closed_port(), interval=0, count=1)

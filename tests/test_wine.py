@@ -2,8 +2,9 @@
 from Linux with ``iocpnative.Client``, raw sockets and ``iocpnative-client.exe``.
 
 ``nox -s mingw`` cross-builds the executables and sets ``IOCPNATIVE_WINE_SERVER`` and
-``IOCPNATIVE_WINE_CLIENT`` to their paths (and ``WINEPREFIX`` to a prefix under the build
-directory). Without those variables, e.g. in ``nox -s test``, these tests are skipped.
+``IOCPNATIVE_WINE_CLIENT`` to their paths (and ``WINEPREFIX`` to a fresh prefix in the
+temporary directory, removed afterwards). Without those variables, e.g. in ``nox -s test``,
+these tests are skipped.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 // iocpnative-client: the seed's client, built from the core. Sends "No:1", "No:2", ... every
 // --interval seconds, prints each reply as "Recv: No:n", and ends after --count messages (or
-// never). Same flags as `python -m iocpnative client`.
+// never). Same flags as `python -m iocpnative client`; --timeout 0 means no limit here (the
+// Python CLI refuses 0).
 #include <chrono>
 #include <cstdio>
 #include <exception>
@@ -12,6 +13,10 @@
 #include "options.hpp"
 
 namespace {
+
+// As python -m iocpnative client: sleep_for() of inf or 1e300 seconds overflows its conversion to
+// clock ticks (undefined behaviour: it returned at once here).
+constexpr double kMaxIntervalS = 1e6;
 
 const char kUsage[] =
     "usage: iocpnative-client [--host HOST] [--port PORT] [--interval SECONDS] [--count N]\n"
@@ -39,7 +44,7 @@ Settings parse(int argc, char** argv) {
         } else if (f == "--port") {
             s.port = static_cast<uint16_t>(opt.integer(1, 65535));
         } else if (f == "--interval") {
-            s.interval = opt.number(0.0);
+            s.interval = opt.number(0.0, kMaxIntervalS);
         } else if (f == "--count") {
             s.count = opt.integer(1, 1LL << 62);
         } else if (f == "--timeout") {

@@ -66,6 +66,21 @@ class Options {
         return x;
     }
 
+    // A number in lo..hi: a bound for values that become a sleep, whose duration conversion
+    // would overflow (undefined behaviour) for inf or a huge number.
+    double number(double lo, double hi) {
+        const std::string v = text();
+        char* end = nullptr;
+        errno = 0;
+        const double x = std::strtod(v.c_str(), &end);
+        if (v.empty() || *end != '\0' || errno != 0 || !(x >= lo && x <= hi)) {
+            char range[64];
+            std::snprintf(range, sizeof(range), "between %g and %g", lo, hi);
+            throw std::invalid_argument(flag_ + " must be a number " + range + ", got '" + v + "'");
+        }
+        return x;
+    }
+
     [[noreturn]] void unknown() const {
         throw std::invalid_argument("unknown argument '" + flag_ + "' (see --help)");
     }

@@ -1,6 +1,7 @@
-// iocpnative-server: the seed's echo server, built from the core. Same flags as
-// `python -m iocpnative server`, plus --run-seconds for tests. Stops on Ctrl-C or SIGTERM
-// (Windows: any console control event) or when the run limit passes, then prints its final
+// iocpnative-server: the seed's echo server, built from the core. The flags of
+// `python -m iocpnative server` but --handler (no Python here), plus --run-seconds for tests;
+// --idle-timeout 0 means never, as leaving it out does (Python refuses 0). Stops on Ctrl-C or
+// SIGTERM (Windows: any console control event) or when the run limit passes, then prints its final
 // stats in the Python CLI's format ("final stats: active_connections=0 ... pool_in_use=0
 // pool_allocated=0 ...") and exits 0. --crash-dump-dir DIR writes a report of a native crash
 // there (Windows: a minidump); --test-crash crashes on purpose right after start-up, to check it.

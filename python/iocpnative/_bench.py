@@ -62,6 +62,12 @@ class BenchResult:
 # The native load generator's limits (loadgen.hpp): times become int64 nanoseconds.
 MAX_SECONDS = 1e6
 MAX_RATE = 1e9
+# And its counts (loadgen.cpp's validate()); checked here so that a value too big for the native
+# int is a ValueError too, not a TypeError from the binding.
+MAX_CONNECTIONS = 1_000_000
+MAX_SIZE = 64 << 20
+MAX_THREADS = 256
+MAX_PIPELINE = 1024
 
 
 def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
@@ -132,10 +138,10 @@ def bench(
     seconds and stops by itself. Errors are counted in the result, not raised; bad arguments
     raise ``ValueError``.
     """
-    connections = check_positive_int("connections", connections)
-    size = check_positive_int("size", size)
-    threads = check_positive_int("threads", threads)
-    pipeline = check_positive_int("pipeline", pipeline)
+    connections = check_positive_int("connections", connections, MAX_CONNECTIONS)
+    size = check_positive_int("size", size, MAX_SIZE)
+    threads = check_positive_int("threads", threads, MAX_THREADS)
+    pipeline = check_positive_int("pipeline", pipeline, MAX_PIPELINE)
     duration = _check_seconds("duration", duration, allow_zero=False)
     warmup = _check_seconds("warmup", warmup, allow_zero=True)
     connect_timeout = _check_seconds("connect_timeout", connect_timeout, allow_zero=False)

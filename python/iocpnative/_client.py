@@ -14,7 +14,7 @@ BytesLike = bytes | bytearray | memoryview
 
 
 class Client:
-    """A connected TCP client. Every call blocks at most ``timeout`` seconds.
+    """A connected TCP client. Every call blocks at most ``timeout`` seconds (``None``: no limit).
 
     Raises ``ConnectionRefusedError`` when nothing listens, ``TimeoutError`` at the deadline,
     ``ConnectionError`` when the server closes in the middle of ``request()``.
@@ -77,16 +77,24 @@ class Client:
             native.close()
 
 
+# The longest interval between messages: time.sleep() raises OverflowError for about 9.2e9 s and
+# more (its deadline is int64 nanoseconds), the native client's sleep would overflow the same way.
+MAX_INTERVAL = 1e6
+
+
 def check_client_loop_args(interval: object, count: object) -> None:
-    """ValueError for an interval that is not a finite number of seconds >= 0 (time.sleep cannot
-    take inf, and nan would fail only after the first reply) or a count that is not >= 1."""
+    """ValueError for an interval that is not a number of seconds in 0..MAX_INTERVAL (time.sleep
+    cannot take inf or 1e10, and nan would fail only after the first reply) or a count that is
+    not >= 1."""
     if (
         isinstance(interval, bool)
         or not isinstance(interval, int | float)
         or not math.isfinite(interval)
-        or interval < 0
+        or not 0 <= interval <= MAX_INTERVAL
     ):
-        raise ValueError(f"interval must be a finite number of seconds >= 0, got {interval!r}")
+        raise ValueError(
+            f"interval must be a number of seconds in 0..{MAX_INTERVAL:.0f}, got {interval!r}"
+        )
     if count is not None:
         check_positive_int("count", count)
 
@@ -104,6 +112,8 @@ def run_client_loop(
 
     Each reply is passed to ``on_reply(n, reply)`` (default: print ``Recv: No:n``). Runs
     ``count`` times, or forever when ``count`` is None. Returns the number of replies received.
+    ``ValueError`` before connecting for an ``interval`` outside 0..1000000 seconds or a
+    ``count`` < 1.
     """
     check_client_loop_args(interval, count)
     if count is not None:

@@ -51,7 +51,10 @@ _servers_with_callbacks: weakref.WeakSet[Server] = weakref.WeakSet()
 
 @dataclass(frozen=True)
 class ServerStats:
-    """Counters summed over all workers at the moment they were read.
+    """Counters summed over all workers.
+
+    On a running server each worker's counters are read one after another, not as one snapshot
+    (``bytes_sent`` may briefly be ahead of ``bytes_received``); after ``stop()`` they are final.
 
     After a clean ``stop()``, ``pool_in_use`` and ``pool_allocated`` are 0: every IoData and
     its buffer went back to the pool and the pool's memory was freed. ``recv_buffers`` counts
@@ -161,7 +164,7 @@ class Server:
     latency); ``0`` answers every completion at once. A lone connection, or a few, never
     waits; nor do requests that arrive too slowly, or too much one at a time, for a window to
     gather at least 1.25 of them (there the kernel timer of a batch wait costs more than it
-    saves).
+    saves). ``verbose=True`` writes a line to stderr for each connect and disconnect.
 
     ``handler``: without it the server echoes every byte natively. With it, ``handler(data)``
     (or ``handler(conn_id, data)`` if it declares two positional parameters) is called on a
@@ -184,8 +187,9 @@ class Server:
     connection on_connect saw. A handler that blocks cannot hold up ``stop()`` past its timeout;
     a callback must not call ``stop()`` itself (it would wait for its own worker).
 
-    Raises ``ValueError`` for bad arguments (here, before any socket exists), ``OSError`` from
-    ``start()`` for system failures (``errno.EADDRINUSE`` when the port is taken).
+    Raises ``ValueError`` for bad arguments (here, before any socket exists; ``TypeError`` for a
+    callback that is not callable), ``OSError`` from ``start()`` for system failures
+    (``errno.EADDRINUSE`` when the port is taken).
     """
 
     def __init__(
@@ -274,6 +278,11 @@ class Server:
         The final ``stop()`` gets ``stop_timeout`` seconds (``TimeoutError`` as in ``stop()``).
         """
         poll = check_timeout("poll_interval", poll_interval, allow_none=False)
+        if poll is not None and poll > threading.TIMEOUT_MAX:  # Event.wait() would overflow
+            raise ValueError(
+                f"poll_interval must be a number of seconds <= {threading.TIMEOUT_MAX:g}, "
+                f"got {poll_interval!r}"
+            )
         stop_t = check_timeout("stop_timeout", stop_timeout, allow_none=False)
         previous: dict[int, Any] = {}
 

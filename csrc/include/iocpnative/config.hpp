@@ -32,8 +32,10 @@ struct ServerConfig {
     int backlog = 1024;
 };
 
-// Counters summed over the workers at the moment of reading. Readable before, during and after
-// stop(); after a clean stop pool_in_use and pool_allocated are 0.
+// Counters summed over the workers, each worker's read in turn with relaxed loads: on a running
+// server not one snapshot (bytes_sent may briefly be ahead of bytes_received). Readable before,
+// during and after stop(); final after it, and after a clean stop pool_in_use and pool_allocated
+// are 0.
 struct ServerStats {
     int64_t active_connections = 0;
     int64_t total_connections = 0;
