@@ -155,6 +155,7 @@ def test_stop_is_idempotent_and_fine_before_start(make_server) -> None:
         ({"workers": -2}, "workers must be an integer in 1\\.\\."),
         ({"workers": 1.0}, "workers must be an integer in 1\\.\\."),
         ({"workers": 2**40}, "workers must be an integer in 1\\.\\."),
+        ({"workers": 1025}, "workers must be an integer in 1\\.\\.1024"),
         ({"buffer_size": 0}, "buffer_size must be an integer in 1\\.\\.67108864"),
         ({"buffer_size": (64 << 20) + 1}, "buffer_size must be an integer in 1\\.\\.67108864"),
         ({"buffer_size": 2**64}, "buffer_size must be an integer in 1\\.\\.67108864"),

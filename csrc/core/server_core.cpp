@@ -21,8 +21,9 @@ constexpr double kStartFailureStopSeconds = 10.0;
 }  // namespace
 
 void validate(const ServerConfig& cfg) {
-    if (cfg.workers < 0) {
-        throw std::invalid_argument("workers must be >= 1 (or 0/None for one per CPU), got " +
+    if (cfg.workers < 0 || cfg.workers > kMaxWorkers) {
+        throw std::invalid_argument("workers must be between 1 and " + std::to_string(kMaxWorkers) +
+                                    " (or 0/None for one per CPU), got " +
                                     std::to_string(cfg.workers));
     }
     if (cfg.buffer_size < 1 || cfg.buffer_size > (64u << 20)) {
@@ -66,7 +67,9 @@ void ServerCore::start() {
     validate(cfg_);
     const std::string resolved = resolve_backend(cfg_.backend);
     int workers = cfg_.workers;
-    if (workers == 0) workers = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+    if (workers == 0) {
+        workers = std::clamp(static_cast<int>(std::thread::hardware_concurrency()), 1, kMaxWorkers);
+    }
 
     net::Listener l = net::listen_tcp(cfg_.host, cfg_.port, cfg_.backlog);
     try {

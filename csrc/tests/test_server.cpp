@@ -202,6 +202,25 @@ TEST_CASE(unknown_backend_is_invalid_argument) {
     return 0;
 }
 
+// A worker count beyond kMaxWorkers is refused before anything is allocated (10^8 workers spent
+// a minute building pollers and pools before the system refused a descriptor).
+TEST_CASE(too_many_workers_is_invalid_argument) {
+    for (int workers : {-1, iocpnative::kMaxWorkers + 1, 100000000}) {
+        ServerConfig cfg = config_for("auto");
+        cfg.workers = workers;
+        Server srv(cfg);
+        bool raised = false;
+        try {
+            srv.start();
+        } catch (const std::invalid_argument&) {
+            raised = true;
+        }
+        ASSERT_TRUE(raised);
+        ASSERT_TRUE(!srv.running());
+    }
+    return 0;
+}
+
 #ifdef __linux__
 namespace {
 

@@ -63,7 +63,7 @@ Settings parse(int argc, char** argv) {
         } else if (f == "--port") {
             s.cfg.port = static_cast<uint16_t>(opt.integer(0, 65535));
         } else if (f == "--workers") {
-            s.cfg.workers = static_cast<int>(opt.integer(1, 1024));
+            s.cfg.workers = static_cast<int>(opt.integer(1, iocpnative::kMaxWorkers));
         } else if (f == "--backend") {
             s.cfg.backend = opt.text();
         } else if (f == "--buffer-size") {

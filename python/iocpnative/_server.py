@@ -152,8 +152,9 @@ class Server:
     """A TCP server on native worker threads: an echo server, or your Python handler's.
 
     ``port=0`` picks a free port (read it back from ``.port`` after ``start()``). ``workers``
-    defaults to the CPU count. ``backend="auto"`` takes the best backend usable here (see
-    ``available_backends()``; the ``IOCPNATIVE_BACKEND`` environment variable overrides it).
+    (1..1024) defaults to the CPU count (at most 1024). ``backend="auto"`` takes the best
+    backend usable here (see ``available_backends()``; the ``IOCPNATIVE_BACKEND`` environment
+    variable overrides it).
     ``buffer_size`` is the most one receive reads; ``max_connections`` caps concurrent
     connections (more are accepted and closed at once, counted in ``rejected_connections``);
     ``idle_timeout`` closes a connection that has received nothing for that many seconds.
@@ -219,7 +220,7 @@ class Server:
         native_handler = _make_native_handler(handler, on_connect, on_disconnect)
         # Raises ValueError naming the usable backends when this one is not usable here.
         self._backend = _native.resolve_backend(backend)
-        self._workers = w or (os.cpu_count() or 1)
+        self._workers = w or min(os.cpu_count() or 1, MAX_WORKERS)
         self._native = _native.Server(
             self._host,
             self._port,

@@ -16,8 +16,8 @@ def check_port(port: object) -> int:
     return int(port)
 
 
-# The native types these values travel in (C int, the core's 64 MiB buffer limit, size_t).
-MAX_WORKERS = 2**31 - 1
+# The core's limits (kMaxWorkers, the 64 MiB buffer) and the native type of max_connections.
+MAX_WORKERS = 1024
 MAX_BUFFER_SIZE = 64 << 20
 MAX_CONNECTIONS = 2**63 - 1
 MAX_BATCH_WAIT_US = 1_000_000  # ServerConfig's kMaxBatchWaitUs

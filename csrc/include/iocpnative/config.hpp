@@ -12,6 +12,10 @@ namespace iocpnative {
 // to milliseconds or to steady_clock ticks would overflow their integer types.
 constexpr double kNeverSeconds = 1e9;
 
+// Worker threads a server may have: each owns a poller, a pool and a connection table, built
+// before any socket opens, so a mistyped count (1e8) would spend a minute allocating them.
+constexpr int kMaxWorkers = 1024;
+
 constexpr int kDefaultBatchWaitUs = 200;
 constexpr int kMaxBatchWaitUs = 1000000;
 
