@@ -89,7 +89,8 @@ TEST_CASE(echo_is_byte_exact_across_short_sends) {
         }
         sender.join();
         if (!send_error.empty() || !recv_error.empty()) {
-            std::printf("    send: %s; recv: %s\n", send_error.c_str(), recv_error.c_str());
+            std::fprintf(stderr, "    send: %s; recv: %s\n", send_error.c_str(),
+                         recv_error.c_str());
         }
         ASSERT_EQ(have, out.size());
         ASSERT_TRUE(back == out);
