@@ -25,9 +25,9 @@ JSON_FIELDS = (
 
 @contextmanager
 def broken_echo(mode: str) -> Iterator[int]:
-    """A raw socket echo server that flips the first byte of every chunk ('flip'), reads and
-    never answers ('drop'), or answers a connection's first chunk only ('once': the load
-    generator's priming echo passes, then nothing). Yields its port."""
+    """A raw socket echo server that flips the first byte of every chunk ('flip') or its last
+    ('flip_last'), reads and never answers ('drop'), or answers a connection's first chunk only
+    ('once': the load generator's priming echo passes, then nothing). Yields its port."""
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(64)
@@ -47,7 +47,11 @@ def broken_echo(mode: str) -> Iterator[int]:
                 return
             if not data:
                 return
-            reply = {"flip": bytes([data[0] ^ 0x01]) + data[1:], "once": data}.get(mode)
+            reply = {
+                "flip": bytes([data[0] ^ 0x01]) + data[1:],
+                "flip_last": data[:-1] + bytes([data[-1] ^ 0x01]),
+                "once": data,
+            }.get(mode)
             if reply is not None and (mode != "once" or answered == 0):
                 answered += 1
                 try:
@@ -172,6 +176,14 @@ def test_corrupting_server_is_caught() -> None:
     assert p.returncode != 0
     d = json.loads(p.stdout.strip().splitlines()[-1])
     assert d["errors"] > 0 and d["ok"] is False
+
+
+def test_corruption_at_the_end_of_a_chunk_is_caught() -> None:
+    """Every byte is compared, the last of each arrival too (the test above flips the first)."""
+    with broken_echo("flip_last") as port:
+        r = bench("127.0.0.1", port, connections=4, duration=0.3, warmup=0)
+    assert r.error_kinds["corrupt"] > 0, r
+    assert "echoed with wrong bytes" in r.first_error
 
 
 def test_silent_server_is_caught() -> None:
