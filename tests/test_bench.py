@@ -18,6 +18,7 @@ from iocpnative import BenchResult, Server, bench
 
 BACKENDS = iocpnative.available_backends()
 SHORT = {"duration": 0.5, "warmup": 0.1, "connections": 10}
+SLOW_REPLY_S = 0.05  # broken_echo("slow")
 JSON_FIELDS = (
     "requests_per_s", "mb_per_s", "p50_us", "p99_us", "errors", "connections", "size", "duration_s",
 )  # fmt: skip
@@ -25,9 +26,10 @@ JSON_FIELDS = (
 
 @contextmanager
 def broken_echo(mode: str) -> Iterator[int]:
-    """A raw socket echo server that flips the first byte of every chunk ('flip'), reads and
-    never answers ('drop'), or answers a connection's first chunk only ('once': the load
-    generator's priming echo passes, then nothing). Yields its port."""
+    """A raw socket echo server that flips the first byte of every chunk ('flip') or its last
+    ('flip_last'), reads and never answers ('drop'), answers a connection's first chunk only
+    ('once': the load generator's priming echo passes, then nothing), or answers every 20th
+    chunk of a connection 50 ms late ('slow'). Yields its port."""
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(64)
@@ -37,6 +39,7 @@ def broken_echo(mode: str) -> Iterator[int]:
 
     def serve(c: socket.socket) -> None:
         c.settimeout(0.1)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         answered = 0
         while not stop.is_set():
             try:
@@ -47,9 +50,16 @@ def broken_echo(mode: str) -> Iterator[int]:
                 return
             if not data:
                 return
-            reply = {"flip": bytes([data[0] ^ 0x01]) + data[1:], "once": data}.get(mode)
+            reply = {
+                "flip": bytes([data[0] ^ 0x01]) + data[1:],
+                "flip_last": data[:-1] + bytes([data[-1] ^ 0x01]),
+                "once": data,
+                "slow": data,
+            }.get(mode)
             if reply is not None and (mode != "once" or answered == 0):
                 answered += 1
+                if mode == "slow" and answered % 20 == 0:
+                    time.sleep(SLOW_REPLY_S)
                 try:
                     c.sendall(reply)
                 except OSError:
@@ -172,6 +182,29 @@ def test_corrupting_server_is_caught() -> None:
     assert p.returncode != 0
     d = json.loads(p.stdout.strip().splitlines()[-1])
     assert d["errors"] > 0 and d["ok"] is False
+
+
+def test_corruption_at_the_end_of_a_chunk_is_caught() -> None:
+    """Every byte is compared, the last of each arrival too (the test above flips the first)."""
+    with broken_echo("flip_last") as port:
+        r = bench("127.0.0.1", port, connections=4, duration=0.3, warmup=0)
+    assert r.error_kinds["corrupt"] > 0, r
+    assert "echoed with wrong bytes" in r.first_error
+
+
+def test_latency_percentiles_come_from_the_measured_distribution() -> None:
+    """One connection, one message at a time; every 20th reply is 50 ms late, the others come at
+    once. So 95 % of the round trips are fast: p50 and p90 must be, while p99, p99.9 and the
+    maximum must be at least the delay (the histogram reports a bucket's upper edge, never less
+    than the value), and the mean lies in between."""
+    slow_us = SLOW_REPLY_S * 1e6
+    with broken_echo("slow") as port:
+        r = bench("127.0.0.1", port, connections=1, size=64, duration=0.6, warmup=0)
+    assert r.errors == 0, r.first_error
+    assert r.round_trips >= 100, r
+    assert r.p50_us <= r.p90_us < slow_us / 2, r
+    assert slow_us <= r.p99_us <= r.p999_us <= r.max_us, r
+    assert r.p90_us < r.mean_us < r.p99_us, r
 
 
 def test_silent_server_is_caught() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import resource
 import socket
@@ -336,6 +337,33 @@ def test_accept_survives_running_out_of_fds(make_server) -> None:
         with iocpnative.Client(port=srv.port) as cli:
             assert cli.request(b"alive") == b"alive"
         assert srv.stats().rejected_connections == 0
+
+
+def test_accept_resumes_after_the_server_ran_out_of_fds(make_server, capfd) -> None:
+    """The server's own accept meets EMFILE (in the test above, the client side may run out
+    first): connections wait in the backlog, and accepting resumes once descriptors are free.
+    One worker, so no other worker can accept in place of the paused one."""
+    srv = make_server(workers=1)
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(5)]
+    with closing_all(socks):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        lowest_free = os.dup(0)
+        os.close(lowest_free)
+        try:
+            # No new descriptor for anyone in this process: every accept fails with EMFILE.
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            for s in socks:
+                s.settimeout(5.0)
+                s.connect(("127.0.0.1", srv.port))  # completed by the kernel, in the backlog
+            time.sleep(0.3)  # the accept fails, pauses (100 ms), is retried, fails again
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for k, s in enumerate(socks):
+            s.sendall(b"No:%d" % k)
+            assert recv_exactly(s, len(b"No:%d" % k)) == b"No:%d" % k
+    assert "accept paused" in capfd.readouterr().err
+    assert srv.stats().total_connections == len(socks)
+    assert srv.stats().rejected_connections == 0
 
 
 def test_idle_timeout_closes_idle_keeps_active(make_server) -> None:

@@ -1,6 +1,7 @@
 // The DataHandler path of the core, once per backend available here, with a C++ handler:
 // replies produced per chunk (larger than one IoData, or empty), handler errors closing only
-// their connection, on_connect/on_disconnect pairing, and stop() while a handler blocks.
+// their connection, on_connect/on_disconnect pairing, the idle timeout, and stop() while a
+// handler blocks.
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -203,6 +204,46 @@ TEST_CASE(handler_exceptions_close_only_their_connection) {
         ASSERT_TRUE(std::memcmp(back, "end", 3) == 0);
         srv.stop(5.0);
         ASSERT_EQ(h->disconnects.load(), 5);
+        expect_pool_freed(srv);
+    });
+}
+
+// idle_timeout counts data that goes to a handler as activity, as on the echo path: a connection
+// that keeps talking to its handler for several timeouts stays open, a silent one is closed.
+TEST_CASE(idle_timeout_spares_a_busy_handler_connection) {
+    return for_each_backend([](const std::string& backend) {
+        auto h = std::make_shared<Expander>(1);
+        ServerConfig cfg = config_for(backend, 4096);
+        cfg.workers = 1;
+        cfg.idle_timeout = 0.3;
+        Server srv(cfg, h);
+        srv.start();
+        Client busy("127.0.0.1", srv.port(), 5.0);
+        Client quiet("127.0.0.1", srv.port(), 5.0);
+        char back[2];
+        int rounds = 0;
+        std::string error;
+        const auto t0 = std::chrono::steady_clock::now();
+        try {
+            while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(1000)) {
+                busy.request("ab", 2, back);
+                ASSERT_TRUE(std::memcmp(back, "AB", 2) == 0);
+                ++rounds;
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            }
+        } catch (const std::exception& e) {
+            error = e.what();
+        }
+        if (!error.empty()) {
+            std::fprintf(stderr, "    busy connection, round %d: %s\n", rounds, error.c_str());
+        }
+        ASSERT_TRUE(error.empty());
+        ASSERT_EQ(recv_or_reset(quiet, back, sizeof(back)), size_t{0});  // closed as idle
+        ASSERT_EQ(srv.stats().active_connections, 1);
+        srv.stop(5.0);
+        ASSERT_EQ(h->connects.load(), 2);
+        ASSERT_EQ(h->disconnects.load(), 2);
+        ASSERT_EQ(srv.stats().handler_errors, 0);
         expect_pool_freed(srv);
     });
 }

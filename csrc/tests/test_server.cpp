@@ -1,6 +1,7 @@
 // The server end to end, once per backend available here: byte-exact echo through small
-// buffers (partial sends and many recv completions), many clients, and stop() with clients
-// connected and data in flight -> every IoData returned and the pool's memory freed.
+// buffers (many recv completions) and across short sends (a peer that stops reading), many
+// clients, and stop() with clients connected and data in flight -> every IoData returned and the
+// pool's memory freed.
 #include <atomic>
 #include <chrono>
 #include <cstring>
@@ -50,6 +51,54 @@ TEST_CASE(echo_is_byte_exact) {
         const ServerStats st = srv.stats();
         ASSERT_EQ(st.bytes_received, st.bytes_sent);
         ASSERT_EQ(st.total_connections, 1);
+        expect_pool_freed(srv);
+    });
+}
+
+// Short sends: a peer that stops reading for a while fills its receive buffer and the server's
+// send buffer, so the server's sends complete short (part of an IoData written); the rest must
+// follow, in order, with nothing dropped or sent twice. The test above reads while it sends, so
+// its sends practically never come back short.
+TEST_CASE(echo_is_byte_exact_across_short_sends) {
+    return for_each_backend([](const std::string& backend) {
+        Server srv(config_for(backend));  // 64 KiB buffers: a send rarely fits exactly
+        srv.start();
+        Client cli("127.0.0.1", srv.port(), 10.0);
+        const std::string out = random_bytes(16u << 20, 11);
+        std::string send_error;
+        std::thread sender([&] {
+            try {
+                cli.send(out.data(), out.size());
+            } catch (const std::exception& e) {
+                send_error = e.what();
+            }
+        });
+        // Not reading: the echo backs up and the server's sends go short (or wait).
+        std::this_thread::sleep_for(std::chrono::milliseconds(200));
+        std::string back(out.size(), '\0');
+        size_t have = 0;
+        std::string recv_error;
+        try {
+            while (have < back.size()) {
+                const size_t n = cli.recv(&back[have], back.size() - have);
+                if (n == 0) break;
+                have += n;
+            }
+        } catch (const std::exception& e) {
+            recv_error = e.what();
+        }
+        sender.join();
+        if (!send_error.empty() || !recv_error.empty()) {
+            std::fprintf(stderr, "    send: %s; recv: %s\n", send_error.c_str(),
+                         recv_error.c_str());
+        }
+        ASSERT_EQ(have, out.size());
+        ASSERT_TRUE(back == out);
+        cli.close();
+        srv.stop(5.0);
+        const ServerStats st = srv.stats();
+        ASSERT_EQ(st.bytes_received, static_cast<int64_t>(out.size()));
+        ASSERT_EQ(st.bytes_sent, static_cast<int64_t>(out.size()));
         expect_pool_freed(srv);
     });
 }

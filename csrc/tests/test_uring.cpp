@@ -1,11 +1,12 @@
 // The io_uring backend specifically: the probe's test hook, the setup-flag fallbacks, the echo
 // path with every optional kernel feature switched off (IOCPNATIVE_URING_DISABLE), idle
 // connections that pin no IoData with a provided buffer ring, a burst of more connections with
-// data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), the ring
-// growing when many more connections are busy, batch waits (a wait for a CQE, an idle server
-// asleep, no window for a lone busy client), the wait policies span by span (batch waits,
-// polling), and stop() cancelling many connections with data in flight. Skipped (77) where
-// io_uring is unavailable (the policy tests run everywhere).
+// data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), buffers
+// going back to the ring after use, the ring growing when many more connections are busy,
+// batch waits (a wait for a CQE, an idle server asleep, no window for a lone busy client), the
+// wait policies span by span (batch waits, polling), and stop() cancelling many connections
+// with data in flight. Skipped (77) where io_uring is unavailable (the policy tests run
+// everywhere).
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -234,6 +235,50 @@ TEST_CASE(burst_beyond_buffer_ring) {
         srv.stop(5.0);
         expect_pool_freed(srv);
         ASSERT_EQ(srv.stats().recv_buffers, 0);
+    }
+    return testh::kPass;
+}
+
+// A provided buffer goes back to the ring as soon as its bytes are copied out. 40 connections on
+// one worker each echo a 64 KiB message, which puts them in bulk mode: each then waits with a
+// recv into an IoData of its own, 40 IoData in use, more than kOwnRecvLimit (32). A new
+// connection's messages still come through the ring, more of them than it has buffers. Had the
+// buffers not come back, the ring would be empty by then (40 recvs took one each), and with that
+// many IoData in use a recv that meets -ENOBUFS waits for the ring: for ever. Multishot and
+// single recvs.
+TEST_CASE(ring_buffers_come_back_after_use) {
+    if (!uring_available()) return testh::kSkip;
+    for (const char* off : {"", "multishot_recv"}) {
+        std::printf("  disabled: '%s'\n", off);
+        DisableFeatures guard(off);
+        ServerConfig cfg = uring_config();
+        cfg.workers = 1;
+        Server srv(cfg);
+        srv.start();
+        ASSERT_EQ(srv.stats().recv_buffers, 32);
+        const std::string big = random_bytes(64u << 10, 5);
+        std::string back(big.size(), '\0');
+        std::vector<std::unique_ptr<Client>> bulk;
+        for (int i = 0; i < 40; ++i) {
+            bulk.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 5.0));
+            bulk.back()->request(big.data(), big.size(), &back[0]);
+            ASSERT_TRUE(back == big);
+        }
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        while (srv.stats().pool_in_use != 40 && std::chrono::steady_clock::now() < deadline) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        }
+        ASSERT_EQ(srv.stats().pool_in_use, 40);
+        Client fresh("127.0.0.1", srv.port(), 5.0);
+        for (int i = 0; i < 100; ++i) {
+            const std::string msg = "small " + std::to_string(i);
+            std::string reply(msg.size(), '\0');
+            fresh.request(msg.data(), msg.size(), &reply[0]);
+            ASSERT_TRUE(reply == msg);
+        }
+        ASSERT_EQ(srv.stats().recv_buffers, 32);
+        srv.stop(5.0);
+        expect_pool_freed(srv);
     }
     return testh::kPass;
 }
