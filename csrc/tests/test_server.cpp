@@ -224,16 +224,25 @@ TEST_CASE(max_connections_rejects_extra) {
     });
 }
 
+namespace {
+
+// Whether srv.start() throws an E.
+template <class E>
+bool start_throws(Server& srv) {
+    try {
+        srv.start();
+    } catch (const E&) {
+        return true;
+    }
+    return false;
+}
+
+}  // namespace
+
 TEST_CASE(start_twice_is_logic_error) {
     Server srv(config_for("auto"));
     srv.start();
-    bool raised = false;
-    try {
-        srv.start();
-    } catch (const std::logic_error&) {
-        raised = true;
-    }
-    ASSERT_TRUE(raised);
+    ASSERT_TRUE(start_throws<std::logic_error>(srv));
     srv.stop(5.0);
     return 0;
 }
@@ -241,13 +250,7 @@ TEST_CASE(start_twice_is_logic_error) {
 TEST_CASE(unknown_backend_is_invalid_argument) {
     ServerConfig cfg = config_for("kqueue");
     Server srv(cfg);
-    bool raised = false;
-    try {
-        srv.start();
-    } catch (const std::invalid_argument&) {
-        raised = true;
-    }
-    ASSERT_TRUE(raised);
+    ASSERT_TRUE(start_throws<std::invalid_argument>(srv));
     return 0;
 }
 
@@ -258,13 +261,7 @@ TEST_CASE(too_many_workers_is_invalid_argument) {
         ServerConfig cfg = config_for("auto");
         cfg.workers = workers;
         Server srv(cfg);
-        bool raised = false;
-        try {
-            srv.start();
-        } catch (const std::invalid_argument&) {
-            raised = true;
-        }
-        ASSERT_TRUE(raised);
+        ASSERT_TRUE(start_throws<std::invalid_argument>(srv));
         ASSERT_TRUE(!srv.running());
     }
     return 0;
