@@ -339,6 +339,14 @@ def test_accept_survives_running_out_of_fds(make_server) -> None:
         assert srv.stats().rejected_connections == 0
 
 
+# Under `nox -s sanitize` the sanitizer runtime needs descriptors of its own: checking the type
+# of the C++ exception that the failed accept raises inside the module, UBSan opens
+# /proc/self/maps, gets EMFILE and reports a false "invalid vptr" (seen in CI). The test runs
+# without sanitizers in `nox -s test`.
+@pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="the sanitizer runtime itself needs the descriptors this test takes away",
+)
 def test_accept_resumes_after_the_server_ran_out_of_fds(make_server, capfd) -> None:
     """The server's own accept meets EMFILE (in the test above, the client side may run out
     first): connections wait in the backlog, and accepting resumes once descriptors are free.
