@@ -27,9 +27,10 @@ JSON_FIELDS = (
 @contextmanager
 def broken_echo(mode: str) -> Iterator[int]:
     """A raw socket echo server that flips the first byte of every chunk ('flip') or its last
-    ('flip_last'), reads and never answers ('drop'), answers a connection's first chunk only
-    ('once': the load generator's priming echo passes, then nothing), or answers every 20th
-    chunk of a connection 50 ms late ('slow'). Yields its port."""
+    ('flip_last'), echoes every chunk twice ('double'), reads and never answers ('drop'),
+    answers a connection's first chunk only ('once': the load generator's priming echo passes,
+    then nothing), or answers every 20th chunk of a connection 50 ms late ('slow'). Yields its
+    port."""
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(64)
@@ -53,6 +54,7 @@ def broken_echo(mode: str) -> Iterator[int]:
             reply = {
                 "flip": bytes([data[0] ^ 0x01]) + data[1:],
                 "flip_last": data[:-1] + bytes([data[-1] ^ 0x01]),
+                "double": data + data,
                 "once": data,
                 "slow": data,
             }.get(mode)
@@ -190,6 +192,15 @@ def test_corruption_at_the_end_of_a_chunk_is_caught() -> None:
         r = bench("127.0.0.1", port, connections=4, duration=0.3, warmup=0)
     assert r.error_kinds["corrupt"] > 0, r
     assert "echoed with wrong bytes" in r.first_error
+
+
+def test_bytes_that_were_never_sent_are_caught() -> None:
+    """A server that echoes everything twice: with one message in flight, the copy arrives when
+    nothing is awaited (in the same read as the echo, as the server sends both at once)."""
+    with broken_echo("double") as port:
+        r = bench("127.0.0.1", port, connections=2, duration=0.3, warmup=0)
+    assert r.error_kinds["excess"] > 0, r
+    assert r.errors >= r.error_kinds["excess"]
 
 
 def test_latency_percentiles_come_from_the_measured_distribution() -> None:
