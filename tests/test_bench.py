@@ -27,9 +27,11 @@ JSON_FIELDS = (
 @contextmanager
 def broken_echo(mode: str) -> Iterator[int]:
     """A raw socket echo server that flips the first byte of every chunk ('flip') or its last
-    ('flip_last'), reads and never answers ('drop'), answers a connection's first chunk only
-    ('once': the load generator's priming echo passes, then nothing), or answers every 20th
-    chunk of a connection 50 ms late ('slow'). Yields its port."""
+    ('flip_last'), echoes every chunk twice ('double'), answers a chunk with the connection's
+    previous one when that had the same length ('stale'), reads and never answers ('drop'),
+    answers a connection's first chunk only ('once': the load generator's priming echo passes,
+    then nothing), or answers every 20th chunk of a connection 50 ms late ('slow'). Yields its
+    port."""
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.bind(("127.0.0.1", 0))
     lsock.listen(64)
@@ -41,6 +43,7 @@ def broken_echo(mode: str) -> Iterator[int]:
         c.settimeout(0.1)
         c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         answered = 0
+        previous = b""
         while not stop.is_set():
             try:
                 data = c.recv(65536)
@@ -53,9 +56,12 @@ def broken_echo(mode: str) -> Iterator[int]:
             reply = {
                 "flip": bytes([data[0] ^ 0x01]) + data[1:],
                 "flip_last": data[:-1] + bytes([data[-1] ^ 0x01]),
+                "double": data + data,
+                "stale": previous if len(previous) == len(data) else data,
                 "once": data,
                 "slow": data,
             }.get(mode)
+            previous = data
             if reply is not None and (mode != "once" or answered == 0):
                 answered += 1
                 if mode == "slow" and answered % 20 == 0:
@@ -190,6 +196,23 @@ def test_corruption_at_the_end_of_a_chunk_is_caught() -> None:
         r = bench("127.0.0.1", port, connections=4, duration=0.3, warmup=0)
     assert r.error_kinds["corrupt"] > 0, r
     assert "echoed with wrong bytes" in r.first_error
+
+
+def test_bytes_that_were_never_sent_are_caught() -> None:
+    """A server that echoes everything twice: with one message in flight, the copy arrives when
+    nothing is awaited (in the same read as the echo, as the server sends both at once)."""
+    with broken_echo("double") as port:
+        r = bench("127.0.0.1", port, connections=2, duration=0.3, warmup=0)
+    assert r.error_kinds["excess"] > 0, r
+    assert r.errors >= r.error_kinds["excess"]
+
+
+def test_stale_replies_are_caught() -> None:
+    """Each message's payload differs from the last one's, so a reply that repeats the previous
+    message (right length, right kind of bytes) is corrupt."""
+    with broken_echo("stale") as port:
+        r = bench("127.0.0.1", port, connections=2, duration=0.3, warmup=0)
+    assert r.error_kinds["corrupt"] > 0, r
 
 
 def test_latency_percentiles_come_from_the_measured_distribution() -> None:
