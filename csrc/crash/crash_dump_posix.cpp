@@ -177,14 +177,7 @@ int open_report(int prefix_index, const crash_text::Civil& now, char* path, size
     for (int number = 1; number <= kMaxReportNumber;) {
         crash_text::Text p(path, cap);
         p.put(g_prefix[prefix_index]);
-        p.put_dec(static_cast<int64_t>(getpid()));
-        p.put("-");
-        p.put_compact_time(now);
-        if (number > 1) {
-            p.put("-");
-            p.put_dec(number);
-        }
-        p.put(".crash");
+        p.put_report_name(static_cast<int64_t>(getpid()), now, number, ".crash");
         if (p.truncated()) {
             errno = ENAMETOOLONG;
             return -1;

@@ -184,14 +184,7 @@ void check_writable(const std::wstring& dir) {
 bool dump_path(int prefix_index, const crash_text::Civil& now, int number, wchar_t* out) noexcept {
     char name[kNameReserve];
     crash_text::Text t(name, sizeof name);
-    t.put_dec(static_cast<int64_t>(GetCurrentProcessId()));
-    t.put("-");
-    t.put_compact_time(now);
-    if (number > 1) {
-        t.put("-");
-        t.put_dec(number);
-    }
-    t.put(".dmp");
+    t.put_report_name(static_cast<int64_t>(GetCurrentProcessId()), now, number, ".dmp");
     if (t.truncated()) return false;
     size_t n = 0;
     for (const wchar_t* p = g_prefix[prefix_index]; *p != L'\0' && n + 1 < kPathMax; ++p) {

@@ -111,6 +111,19 @@ class Text {
         put_char('Z');
     }
 
+    // A report's file name after its directory prefix: "<pid>-<compact time><ext>", and for a
+    // `number` of 2 or more (the name was taken) "<pid>-<compact time>-<number><ext>".
+    void put_report_name(int64_t pid, const Civil& c, int number, const char* ext) noexcept {
+        put_dec(pid);
+        put_char('-');
+        put_compact_time(c);
+        if (number > 1) {
+            put_char('-');
+            put_dec(number);
+        }
+        put(ext);
+    }
+
     const char* c_str() const noexcept { return buf_; }
     const char* data() const noexcept { return buf_; }
     size_t size() const noexcept { return len_; }
