@@ -42,18 +42,28 @@
 // also grows with the worker's connections (kConnsPerRecvBuffer), so that many busy connections
 // stop meeting an empty ring; a buffer costs memory only once the kernel has received into it.
 //
-// Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT): with kBatchMinRecvs or more recvs posted,
-// the worker waits for one completion per kRecvsPerBatched recvs posted (at most kBatchCount), but
-// no longer than ServerConfig::batch_wait_us (default 200; 0 turns batched waits off); after that
-// any completion ends the wait. At a moderate message rate each message otherwise costs a wake-up
-// and a sleep of the worker thread. Measured with peers.py (3 rounds) at 30,000 round trips/s on 50
-// connections, server CPU per message went from 14.6 to 9.0 us, for about 100 us more median
-// latency; a saturated server finds its batch at once. Fewer connections never wait for a batch, so
-// a lone request is answered at once. Each batch wait arms a kernel timer, and a window that
-// gathers about one request costs more CPU than it saves (measured: 1.08-1.22x the C epoll peer's
-// CPU per message at 5,000/s on 100 connections, and +110 us p50), so BatchPolicy (wait_policy.hpp)
-// allows them only while the arrival rate fills the window with at least 1.25 requests and recent
-// batch waits did gather that many (one busy client among idle connections does not).
+// Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT; emulated from 6.7, below): with
+// kBatchMinRecvs or more recvs posted, the worker waits for one completion per kRecvsPerBatched
+// recvs posted (at most kBatchCount), but no longer than ServerConfig::batch_wait_us (default 200;
+// 0 turns batched waits off); after that any completion ends the wait. At a moderate message rate
+// each message otherwise costs a wake-up and a sleep of the worker thread. Measured with peers.py
+// (3 rounds) at 30,000 round trips/s on 50 connections, server CPU per message went from 14.6
+// to 9.0 us, for about 100 us more median latency; a saturated server finds its batch at once.
+// Fewer connections never wait for a batch, so a lone request is answered at once. Each batch wait
+// arms a kernel timer, and a window that gathers about one request costs more CPU than it saves
+// (measured: 1.08-1.22x the C epoll peer's CPU per message at 5,000/s on 100 connections, and +110
+// us p50), so BatchPolicy (wait_policy.hpp) allows them only while the arrival rate fills the
+// window with at least 1.25 requests and recent batch waits did gather that many (one busy client
+// among idle connections does not).
+//
+// Without IORING_FEAT_MIN_TIMEOUT (Linux 6.7 to 6.11) wait_window() emulates it: it waits for the
+// batch with the window as the wait's own timeout and, when the window brought no completion,
+// waits on for one. On a DEFER_TASKRUN ring the kernel posts completions only while we wait and,
+// from 6.7 (io_uring/poll: lazy wake-ups), wakes the waiter only once the count is met, so the
+// emulation costs one more io_uring_enter than min_wait, and only for an empty window. Before 6.7
+// every arrival would wake the waiting thread, so no batch waits there. Measured here (6.18 with
+// min_wait switched off, peers.py, 4 rounds): at 30,000/s on 50 x 512 B 6.96 us of server CPU per
+// message, against 6.79 with min_wait and 13.04 before (no batch waits without min_wait).
 //
 // The count is high on purpose: where batching pays, the window ends the wait, not the count. The
 // worker then wakes on its own timer; a wait ended by the request that completes the count is woken
@@ -220,6 +230,8 @@ class UringPoller final : public Poller {
             }
         }
         publish_buffer_count();
+        can_wait_for_batch_ =
+            ring_.has_min_wait() || (ring_.defers_taskrun() && uring::kernel_at_least(6, 7));
         multishot_ = feat_.multishot_accept;
         multishot_recv_ = feat_.multishot_recv && bufs_.active();
         arm_wake();
@@ -254,7 +266,7 @@ class UringPoller final : public Poller {
             if (block) end_span_if_due();
             // Without the kernel's batch timeout, waiting for more than one CQE could wait long.
             int64_t batch = 1;
-            if (ring_.has_min_wait() && batch_wait_us_ > 0 && batch_policy_.on() &&
+            if (can_wait_for_batch_ && batch_wait_us_ > 0 && batch_policy_.on() &&
                 recvs_inflight_ >= kBatchMinRecvs) {
                 batch = std::min(kBatchCount, recvs_inflight_ / kRecvsPerBatched);
             }
@@ -285,7 +297,9 @@ class UringPoller final : public Poller {
                 submitted = true;
                 block = ring_.ready() == 0;
             }
-            if (block || !submitted) {
+            if (block && batch > 1 && !ring_.has_min_wait()) {
+                wait_window(static_cast<unsigned>(batch), timeout_ms);
+            } else if (block || !submitted) {
                 const bool timed = block && pollable && !spin_policy_.on();
                 const int64_t t0 = timed ? monotonic_us() : 0;
                 ring_.enter(block ? static_cast<unsigned>(batch) : 0, timeout_ms, batch_wait_us_);
@@ -299,6 +313,18 @@ class UringPoller final : public Poller {
         n += reap(out + n, max - n);
         if (batched) batch_policy_.batch_wait(batch_policy_.arrivals() - before);
         return n;
+    }
+
+    // A batch wait without the kernel's min_wait (Linux 6.7 to 6.11): wait for `batch` completions
+    // but no longer than the window, and when the window brought none, for the first one up to the
+    // rest of the timeout. One more system call than min_wait only for an empty window, which
+    // BatchPolicy keeps rare.
+    void wait_window(unsigned batch, int timeout_ms) {
+        ring_.enter_window(batch, batch_wait_us_);
+        if (ring_.ready() > 0) return;
+        int rest = timeout_ms;
+        if (rest > 0) rest = std::max(0, rest - static_cast<int>((batch_wait_us_ + 999) / 1000));
+        ring_.enter(1, rest);
     }
 
     // At a blocking wait, once kSpanUs or more have gone by since the last: the wait policies
@@ -876,6 +902,9 @@ class UringPoller final : public Poller {
     uring::BufferRing bufs_;  // declared before ring_: freed after the ring is closed
     uring::Ring ring_;
     const unsigned batch_wait_us_;
+    // Batch waits need the kernel's min_wait, or wait_window() on a DEFER_TASKRUN ring of Linux
+    // 6.7 or later (see the file comment).
+    bool can_wait_for_batch_ = false;
     int wake_fd_ = -1;
     uint64_t wake_buf_ = 0;
     bool multishot_ = true;

@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -129,6 +130,15 @@ struct GetEventsArg {
     uint64_t ts;
 };
 static_assert(sizeof(GetEventsArg) == sizeof(io_uring_getevents_arg), "io_uring ABI");
+
+bool kernel_at_least(int major, int minor) noexcept {
+    struct utsname u;
+    if (::uname(&u) != 0) return false;
+    int have_major = 0;
+    int have_minor = 0;
+    if (std::sscanf(u.release, "%d.%d", &have_major, &have_minor) != 2) return false;
+    return have_major > major || (have_major == major && have_minor >= minor);
+}
 
 Features features_from_env() {
     Features f;
@@ -333,29 +343,42 @@ unsigned Ring::sq_space() const noexcept {
 }
 
 int Ring::enter(unsigned wait_nr, int timeout_ms, unsigned min_wait_us) {
-    // Release: every SQE written before this store is visible to the kernel, which loads the
-    // tail with acquire (the syscall alone would order it without SQPOLL; the pairing is what
-    // the ABI documents and what an SQPOLL thread would need).
-    store_release(sq_ktail_, sqe_tail_);
-    const unsigned to_submit = unsubmitted();
     __kernel_timespec ts{};
-    GetEventsArg arg{};
-    arg.sigmask = 0;
-    arg.sigmask_sz = _NSIG / 8;
     const bool min_wait = wait_nr > 1 && has_min_wait() && min_wait_us > 0;
     if (wait_nr > 0 && timeout_ms >= 0) {
         ts.tv_sec = timeout_ms / 1000;
         ts.tv_nsec = static_cast<long long>(timeout_ms % 1000) * 1000000;
-        arg.ts = reinterpret_cast<uint64_t>(&ts);
-    } else if (min_wait) {
+        return enter_with(wait_nr, &ts, min_wait ? min_wait_us : 0);
+    }
+    if (min_wait) {
         // A batch wait needs a general timeout: without one, the kernel ends the whole wait when
         // the batch timeout expires, CQEs or not, so an idle worker with many recvs posted woke
         // every min_wait_us (about 4,000 empty wake-ups a second at 200 us). With one, it waits
         // on for the first CQE. An hour is "no timeout" here; if it passes, the caller sees ETIME.
         ts.tv_sec = kNoTimeoutSeconds;
-        arg.ts = reinterpret_cast<uint64_t>(&ts);
+        return enter_with(wait_nr, &ts, min_wait_us);
     }
-    if (min_wait) arg.min_wait_usec = min_wait_us;
+    return enter_with(wait_nr, nullptr, 0);
+}
+
+int Ring::enter_window(unsigned wait_nr, unsigned window_us) {
+    __kernel_timespec ts{};
+    ts.tv_sec = window_us / 1000000;
+    ts.tv_nsec = static_cast<long long>(window_us % 1000000) * 1000;
+    return enter_with(wait_nr, &ts, 0);
+}
+
+int Ring::enter_with(unsigned wait_nr, const __kernel_timespec* ts, unsigned min_wait_us) {
+    // Release: every SQE written before this store is visible to the kernel, which loads the
+    // tail with acquire (the syscall alone would order it without SQPOLL; the pairing is what
+    // the ABI documents and what an SQPOLL thread would need).
+    store_release(sq_ktail_, sqe_tail_);
+    const unsigned to_submit = unsubmitted();
+    GetEventsArg arg{};
+    arg.sigmask = 0;
+    arg.sigmask_sz = _NSIG / 8;
+    arg.ts = reinterpret_cast<uint64_t>(ts);
+    arg.min_wait_usec = min_wait_us;
     const unsigned flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
     if (sys_enter(fd_, to_submit, wait_nr, flags, &arg, sizeof(arg)) >= 0) return 0;
     const int err = errno;

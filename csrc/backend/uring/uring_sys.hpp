@@ -49,6 +49,10 @@ struct Features {
 // each call.
 Features features_from_env();
 
+// True when the running kernel's release (uname) is at least major.minor. For behaviour no
+// feature flag announces; false when the release cannot be read.
+bool kernel_at_least(int major, int minor) noexcept;
+
 // Why io_uring cannot be used here ("" when it can): the IOCPNATIVE_DISABLE_IO_URING test hook,
 // io_uring_setup refused (ENOSYS, EPERM from seccomp or kernel.io_uring_disabled), a kernel
 // older than 5.11, or a required opcode missing from IORING_REGISTER_PROBE.
@@ -86,6 +90,10 @@ class Ring {
     // wait_nr a batch target: after min_wait_us the call returns once one CQE is there (not
     // before, also with timeout_ms < 0).
     int enter(unsigned wait_nr, int timeout_ms, unsigned min_wait_us = 0);
+    // A batch wait for kernels without min_wait: submits, then waits for wait_nr CQEs but no
+    // longer than window_us, and returns with what came (-ETIME when the window ran out, maybe
+    // with fewer CQEs or none). The caller waits on for one when none came.
+    int enter_window(unsigned wait_nr, unsigned window_us);
 
     // CQ access: ready() is how many CQEs wait; cqe(i) is the i-th of them; consume(n) hands n
     // back to the kernel.
@@ -100,10 +108,14 @@ class Ring {
     uint32_t kernel_features() const noexcept { return features_; }  // less what Features left out
     // IORING_FEAT_MIN_TIMEOUT (Linux >= 6.12): enter() can take a batch wait.
     bool has_min_wait() const noexcept { return (features_ & kFeatMinTimeout) != 0; }
+    // IORING_SETUP_DEFER_TASKRUN (Linux >= 6.1): completions are posted only while we wait, so
+    // a wait for several CQEs is not woken by each arrival's task work (see enter_window()).
+    bool defers_taskrun() const noexcept { return (flags_ & IORING_SETUP_DEFER_TASKRUN) != 0; }
     // The setup flags in words, for logs and tests ("defer_taskrun single_issuer ...").
     std::string describe_flags() const;
 
   private:
+    int enter_with(unsigned wait_nr, const __kernel_timespec* ts, unsigned min_wait_us);
     void map_rings(const io_uring_params& p);
     void unmap() noexcept;
 
