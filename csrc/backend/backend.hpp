@@ -82,7 +82,8 @@ class Poller {
     virtual void post_recv(Connection& conn) = 0;
     virtual void post_send(Connection& conn, IoData& io) = 0;
     virtual void close(Connection& conn) = 0;
-    // No more Accepted events from this worker after this call.
+    // No more Accepted events from this worker after this call. The core calls it once per
+    // worker, when that worker begins its drain (its waits are bounded from then on).
     virtual void stop_accepting() = 0;
     // True when the backend has nothing of its own in flight (accepts, cancellations), so the
     // worker may exit once its connections are gone.

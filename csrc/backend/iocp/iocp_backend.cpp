@@ -180,6 +180,7 @@ void IocpBackend::init_listener(const PollerContext& ctx) {
     listener_ = ctx.listener;
     pool_ = ctx.pool;
     skip_on_success_ = skip_on_success_usable(ctx.listener);
+    workers_ = ctx.workers;
     accept_count_ = std::min(kMaxAccepts, std::max(kMinAccepts, 2 * ctx.workers));
     for (int i = 0; i < accept_count_; ++i) {
         address_slots_.push_back(std::make_unique<char[]>(2 * kAcceptAddressBytes));

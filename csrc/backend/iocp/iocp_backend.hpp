@@ -86,6 +86,10 @@ class IocpBackend final : public Backend {
     void stop_accepting();
     // Accepts posted or parked, not yet retired.
     int64_t accepts_in_flight() const { return accepts_in_flight_.load(); }
+    // Called once by each worker's poller when the worker begins its drain (any thread).
+    void note_worker_draining() { workers_draining_.fetch_add(1); }
+    // True once every worker drains: none blocks without a time limit any more.
+    bool all_workers_draining() const { return workers_draining_.load() >= workers_; }
     // Shortens a worker's wait so that it ends when the parked accepts are due again.
     int clamp_for_accept_pause(int timeout_ms) const;
     // Posts the parked accepts again once their pause is over. Any worker, after its wait.
@@ -107,6 +111,8 @@ class IocpBackend final : public Backend {
     LPFN_ACCEPTEX accept_ex_ = nullptr;
     bool skip_on_success_ = false;
     int accept_count_ = 0;
+    int workers_ = 1;
+    std::atomic<int> workers_draining_{0};
     bool started_ = false;
 
     std::mutex accept_lock_;  // orders re-posts against stop_accepting()'s cancel

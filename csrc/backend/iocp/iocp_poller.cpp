@@ -57,8 +57,10 @@ class IocpPoller final : public Poller {
         // due time, and the first awake posts them (the one that parked an accept always comes
         // back here, so one worker at least waits with the bound).
         timeout_ms = backend_.clamp_for_accept_pause(timeout_ms);
-        dequeue(static_cast<ULONG>(std::min<int>(max, static_cast<int>(kBatch))), timeout_ms);
+        const ULONG got =
+            dequeue(static_cast<ULONG>(std::min<int>(max, static_cast<int>(kBatch))), timeout_ms);
         backend_.resume_accepts_if_due();
+        if (held_wakes_ > 0) pass_on_held_wakes(got == 0);
         return ready_.take(out, max);
     }
 
@@ -134,9 +136,20 @@ class IocpPoller final : public Poller {
         }
     }
 
-    void stop_accepting() override { backend_.stop_accepting(); }
+    // The core calls this once per worker, when the worker begins its drain; its waits are
+    // bounded from then on (see on_wake).
+    void stop_accepting() override {
+        if (!draining_) {
+            draining_ = true;
+            backend_.note_worker_draining();
+        }
+        backend_.stop_accepting();
+    }
 
-    bool quiescent() const override { return ready_.empty() && backend_.accepts_in_flight() == 0; }
+    // Not while holding wake-ups: another worker may still be blocked without a time limit.
+    bool quiescent() const override {
+        return ready_.empty() && held_wakes_ == 0 && backend_.accepts_in_flight() == 0;
+    }
 
     void wake() override {
         if (!::PostQueuedCompletionStatus(backend_.port(), 0, kWakeKey, nullptr)) {
@@ -169,18 +182,20 @@ class IocpPoller final : public Poller {
         push(kind, c, &io, -errno_from_native(err));
     }
 
-    void dequeue(ULONG max, int timeout_ms) {
+    // Returns how many packets were dequeued (0: the wait timed out).
+    ULONG dequeue(ULONG max, int timeout_ms) {
         OVERLAPPED_ENTRY entries[kBatch];
         ULONG n = 0;
         const DWORD timeout = timeout_ms < 0 ? INFINITE : static_cast<DWORD>(timeout_ms);
         if (!::GetQueuedCompletionStatusEx(backend_.port(), entries, max, &n, timeout, FALSE)) {
             const DWORD err = ::GetLastError();
-            if (err == WAIT_TIMEOUT) return;
+            if (err == WAIT_TIMEOUT) return 0;
             throw make_system_error(errno_from_native(static_cast<int>(err)),
                                     "GetQueuedCompletionStatusEx");
         }
         // A TRUE return says nothing about the entries: each carries its own status.
         for (ULONG i = 0; i < n; ++i) on_packet(entries[i]);
+        return n;
     }
 
     void on_packet(const OVERLAPPED_ENTRY& entry) {
@@ -200,15 +215,32 @@ class IocpPoller final : public Poller {
     }
 
     // stop() posts one wake-up per worker, but any worker may dequeue any of them. A worker
-    // keeps the first it gets and passes further ones on, so that a worker blocked without a
-    // time limit always gets one.
+    // keeps the first it gets; further ones are meant for workers that may still be blocked
+    // without a time limit, the ones that have not begun their drain. Passing them on at once
+    // made the draining workers (10 ms waits) toss them to each other as fast as the port
+    // delivers, for as long as the drain took: a worker that ended its drain without taking its
+    // own wake-up, or one held up in a handler, left one over, and stop() spent every CPU on
+    // tens of thousands of wake-ups a second. A surplus wake-up is held instead, passed on when
+    // a wait of this (draining) worker times out, dropped once every worker drains, and never
+    // left behind: quiescent() is false while one is held.
     void on_wake() {
         if (!woken_) {
             woken_ = true;
             return;
         }
-        ++paths_.wakeups_forwarded;
-        wake();
+        ++held_wakes_;
+    }
+
+    void pass_on_held_wakes(bool wait_timed_out) {
+        if (backend_.all_workers_draining()) {
+            held_wakes_ = 0;  // nobody is blocked without a time limit any more
+            return;
+        }
+        if (!wait_timed_out) return;
+        for (; held_wakes_ > 0; --held_wakes_) {
+            ++paths_.wakeups_forwarded;
+            wake();
+        }
     }
 
     void push(Event::Kind kind, Connection& c, IoData* io, int64_t result) {
@@ -220,6 +252,8 @@ class IocpPoller final : public Poller {
     const int index_;
     bool accepts_started_ = false;
     bool woken_ = false;
+    bool draining_ = false;
+    int held_wakes_ = 0;  // surplus stop() wake-ups dequeued by this worker (on_wake)
     LocalQueue ready_;
     CompletionPaths paths_;
 };
