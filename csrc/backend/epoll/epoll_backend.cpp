@@ -36,9 +36,14 @@
 // or the window is over; each sleep lasts as long as the last span's arrival rate needs to bring
 // the rest (so a busy worker sleeps tens of microseconds, not the window). A window that brought
 // nothing ends in a plain blocking epoll_wait. What is ready when the worker comes to wait is
-// answered at once. Measured with peers.py (3 rounds, other work on the machine), server CPU per
-// message: 30,000/s on 50 x 512 B 6.63 us vs 13.39 before (c_epoll 13.57), p50 276 vs 108 us;
-// 20,000/s on 1000 x 128 B 8.50 vs 15.31 (c_epoll 14.88).
+// answered at once. Near saturation (fills_fast()) there are no batch waits: saturated on 50 x
+// 512 B they ran at 0.96x the C epoll peer's msgs/s against 1.01x before (5 rounds; the client
+// 93 % busy, waiting for held replies); without them 1.01x. Measured with peers.py (3 rounds,
+// quiet machine), server CPU per message against before (and c_epoll): 30,000/s on 50 x 512 B
+// 6.91 vs 14.03 us (14.94), p50 276 vs 109 us; 20,000/s on 1000 x 128 B 8.44 vs 14.46 (14.06);
+// 100,000/s on 50 x 512 B 4.00 vs 5.43 (5.34); 10,000/s on 20 x 512 B 15.12 vs 30.34 (28.37);
+// saturated 1000 x 128 B 1.05x vs 1.04x c_epoll's msgs/s. The price, as on io_uring, where the
+// rate only sometimes fills a window: 5,000/s on 100 x 512 B 32.49 vs 32.01 us (31.07).
 #include <errno.h>
 #include <poll.h>
 #include <sys/epoll.h>
@@ -75,6 +80,7 @@ constexpr int64_t kBatchMinConns = 16;   // batch waits need this many connectio
 constexpr int64_t kConnsPerBatched = 4;  // a batch is one request per 4 connections,
 constexpr int64_t kBatchCount = 16;      // at most 16 (or what the window brings)
 constexpr int64_t kMinSliceUs = 10;      // shortest sleep of a batch wait
+constexpr int64_t kFastFill = 2;         // no batch waits when a window brings 2 batches
 
 class EpollPoller final : public Poller {
   public:
@@ -127,7 +133,7 @@ class EpollPoller final : public Poller {
         timeout_ms = clamp_for_accept_pause(timeout_ms);
         if (timeout_ms != 0 && batch_wait_us_ > 0) {
             end_span_if_due();
-            if (batch_policy_.on() && conns_ >= kBatchMinConns) {
+            if (batch_policy_.on() && conns_ >= kBatchMinConns && !fills_fast()) {
                 // What is ready now is answered now; only a worker that would sleep waits for
                 // a batch.
                 poll_ready(0);
@@ -209,6 +215,19 @@ class EpollPoller final : public Poller {
         for (int i = 0; i < n; ++i) on_ready(evs[i]);
     }
 
+    // One request per kConnsPerBatched connections, at most kBatchCount.
+    int64_t batch_target() const noexcept {
+        return std::min(kBatchCount, conns_ / kConnsPerBatched);
+    }
+
+    // At the last span's arrival rate a window would bring kFastFill batches or more: the worker
+    // is near saturation, where the next request is microseconds away and a batch wait, which
+    // cannot be ended by the request that completes the batch, holds requests the client is
+    // waiting for. A plain wait does better there.
+    bool fills_fast() const noexcept {
+        return rate_per_ms_ * batch_wait_us_ >= kFastFill * batch_target() * 1000;
+    }
+
     // A batch wait: sleeps (woken only by wake(), not by arriving data, so the peers' CPUs pay
     // no wake-up) and collects what arrived, until a batch came or the window is over. Each
     // sleep lasts as long as the last span's arrival rate needs to bring the rest of the batch.
@@ -216,7 +235,7 @@ class EpollPoller final : public Poller {
     bool gather_batch() {
         const int64_t start = monotonic_us();
         const int64_t deadline = start + batch_wait_us_;
-        const int64_t target = std::min(kBatchCount, conns_ / kConnsPerBatched);
+        const int64_t target = batch_target();
         const int64_t first = batch_policy_.arrivals();
         for (int64_t now = start; now < deadline; now = monotonic_us()) {
             const int64_t missing = target - (batch_policy_.arrivals() - first);
