@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -179,78 +178,6 @@ def test_io_uring_fallbacks_echo_and_stop(
             data = os.urandom(n)
             assert cli.request(data) == data
     _stop_with_data_in_flight(backend)
-
-
-def _kernel_at_least(major: int, minor: int) -> bool:
-    parts = platform.release().split(".")
-    try:
-        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
-    except (IndexError, ValueError):
-        return False
-
-
-# Batch waits: with the kernel's batch timeout (IORING_FEAT_MIN_TIMEOUT, Linux 6.12), else
-# emulated on a DEFER_TASKRUN ring from Linux 6.7; older kernels never wait for a batch.
-BATCH_WAITS = _kernel_at_least(6, 7)
-WINDOW_US = 300_000
-
-
-def _reply_delays(srv: Server, idle: int, rounds: int) -> list[float]:
-    """With `idle` quiet connections (their recvs posted), time `rounds` lone requests."""
-    conns = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(idle)]
-    try:
-        deadline = time.monotonic() + 10
-        while srv.stats().active_connections < idle + 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert srv.stats().active_connections == idle + 1
-        time.sleep(0.05)  # every worker loop has posted its recvs and gone to sleep
-        delays = []
-        for i in range(rounds):
-            conns[0].sendall(b"q%d" % i)
-            t0 = time.monotonic()
-            assert conns[0].recv(16) == b"q%d" % i
-            delays.append(time.monotonic() - t0)
-        return delays
-    finally:
-        for c in conns:
-            c.close()
-
-
-@pytest.mark.parametrize("backend", URING)
-@pytest.mark.parametrize(
-    ("batch_wait_us", "off", "waits"),
-    [
-        (WINDOW_US, "", BATCH_WAITS),  # batched: tried, never longer than the window, then dropped
-        (0, "", False),  # turned off: answered at once
-        (WINDOW_US, "min_wait", BATCH_WAITS),  # without the kernel's batch timeout: emulated
-        (WINDOW_US, "min_wait,defer_taskrun", False),  # neither: no batching
-    ],
-)
-def test_batch_wait_holds_a_lone_request_at_most_the_window_and_rarely(
-    backend: str, batch_wait_us: int, off: str, waits: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Lone requests, each sent right after the previous reply, with 31 quiet connections (32
-    recvs posted, so a batch of 8 would be asked for). A batch wait can gather nothing here: the
-    next request waits for this reply. The worker tries one (it waits out the window, no longer),
-    sees it gather less than 1.25 requests, and answers at once for the next 2, 4, ... spans.
-    Polling is off: a worker that polls (SpinPolicy, when the burst of 31 connections made most
-    of a span's waits short) answers each next request within its poll, before any batch wait;
-    polling has tests of its own."""
-    monkeypatch.setenv("IOCPNATIVE_URING_DISABLE", ",".join(x for x in (off, "poll") if x))
-    with Server(port=0, workers=1, backend=backend, batch_wait_us=batch_wait_us) as srv:
-        # A handshake-completing client so active_connections counts the probe connection too.
-        with Client(port=srv.port, timeout=10) as cli:
-            assert cli.request(b"hello") == b"hello"
-            delays = _reply_delays(srv, 31, 8)
-        window = WINDOW_US / 1e6
-        held = [d for d in delays if d >= 0.8 * window]
-        if waits:
-            assert all(d < 1.7 * window for d in delays), delays
-            assert 1 <= len(held) <= 3, delays
-        else:
-            assert min(delays) < 0.1 and max(delays) < 0.5 * window, delays
-    stats = srv.stats()
-    assert (stats.pool_in_use, stats.pool_allocated) == (0, 0)
 
 
 @pytest.mark.parametrize("backend", URING)

@@ -32,7 +32,7 @@
 
 #include "backend/backend.hpp"
 #include "backend/uring/uring_sys.hpp"
-#include "backend/uring/wait_policy.hpp"
+#include "backend/wait_policy.hpp"
 #include "iocpnative/client.hpp"
 #include "iocpnative/errors.hpp"
 #include "iocpnative/server.hpp"
@@ -434,25 +434,6 @@ TEST_CASE(pipelined_clients_read_ahead_at_most_one_buffer) {
 
 namespace {
 
-// Context switches of every thread of this process so far (Linux /proc).
-long long context_switches() {
-    long long total = 0;
-    DIR* d = ::opendir("/proc/self/task");
-    if (d == nullptr) throw std::runtime_error("cannot open /proc/self/task");
-    while (const dirent* e = ::readdir(d)) {
-        if (e->d_name[0] == '.') continue;
-        std::ifstream f(std::string("/proc/self/task/") + e->d_name + "/status");
-        std::string line;
-        while (std::getline(f, line)) {
-            if (line.find("ctxt_switches:") != std::string::npos) {
-                total += std::stoll(line.substr(line.find(':') + 1));
-            }
-        }
-    }
-    ::closedir(d);
-    return total;
-}
-
 // `n` connections, each served one request, then left idle (a recv posted on each).
 std::vector<std::unique_ptr<Client>> connect_and_serve_once(Server& srv, int n) {
     auto clients = connect_all(srv, n);
@@ -563,9 +544,9 @@ TEST_CASE(idle_server_sleeps) {
         srv.start();
         auto idle = connect_and_serve_once(srv, 100);
         std::this_thread::sleep_for(std::chrono::milliseconds(50));  // last send completions
-        const long long before = context_switches();
+        const long long before = testutil::context_switches();
         std::this_thread::sleep_for(std::chrono::milliseconds(300));
-        const long long switches = context_switches() - before;
+        const long long switches = testutil::context_switches() - before;
         std::printf("  %lld context switches in 300 ms\n", switches);
         ASSERT_TRUE(switches < 30);
         srv.stop(5.0);
@@ -606,7 +587,7 @@ TEST_CASE(lone_busy_client_is_not_held_by_batch_waits) {
 // span whose batch waits gathered less turns it off for 2 spans, the next failure for 4; a span
 // in which they paid starts the doubling over.
 TEST_CASE(batch_policy_needs_the_rate_and_the_yield) {
-    uring::BatchPolicy p;
+    waits::BatchPolicy p;
     ASSERT_TRUE(!p.on());
     auto span = [&](int arrivals, int waits, int gathered_each) {
         for (int i = 0; i < arrivals; ++i) p.arrival();
@@ -635,7 +616,7 @@ TEST_CASE(batch_policy_needs_the_rate_and_the_yield) {
 // of them within kSpinUs; on, it stays on while 9 in 10 polls found a completion; when it turns
 // off it stays off for 2, then 4 spans whatever the waits.
 TEST_CASE(spin_policy_polls_only_when_waits_are_short) {
-    uring::SpinPolicy p;
+    waits::SpinPolicy p;
     auto span = [&](int within, int longer) {
         for (int i = 0; i < within; ++i) p.waited(true);
         for (int i = 0; i < longer; ++i) p.waited(false);

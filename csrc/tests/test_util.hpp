@@ -4,7 +4,14 @@
 
 #include <cstdio>
 #include <random>
+#include <stdexcept>
 #include <string>
+
+#ifdef __linux__
+#include <dirent.h>
+
+#include <fstream>
+#endif  // __linux__
 
 #include "backend/backend.hpp"
 #include "iocpnative/server.hpp"
@@ -52,5 +59,26 @@ inline void expect_pool_freed(const iocpnative::Server& srv) {
     ASSERT_EQ(st.pool_allocated, 0);
     ASSERT_EQ(st.active_connections, 0);
 }
+
+#ifdef __linux__
+// Context switches of every thread of this process so far (Linux /proc).
+inline long long context_switches() {
+    long long total = 0;
+    DIR* d = ::opendir("/proc/self/task");
+    if (d == nullptr) throw std::runtime_error("cannot open /proc/self/task");
+    while (const dirent* e = ::readdir(d)) {
+        if (e->d_name[0] == '.') continue;
+        std::ifstream f(std::string("/proc/self/task/") + e->d_name + "/status");
+        std::string line;
+        while (std::getline(f, line)) {
+            if (line.find("ctxt_switches:") != std::string::npos) {
+                total += std::stoll(line.substr(line.find(':') + 1));
+            }
+        }
+    }
+    ::closedir(d);
+    return total;
+}
+#endif  // __linux__
 
 }  // namespace testutil

@@ -158,8 +158,8 @@ class Server:
     ``buffer_size`` is the most one receive reads; ``max_connections`` caps concurrent
     connections (more are accepted and closed at once, counted in ``rejected_connections``);
     ``idle_timeout`` closes a connection that has received nothing for that many seconds.
-    ``batch_wait_us`` (io_uring on Linux >= 6.7 only): with many receives posted, a worker may
-    wait this long for a batch of completions before answering what it has, so a moderate
+    ``batch_wait_us`` (Linux: io_uring from 6.7, and epoll): with many receives posted, a worker
+    may wait this long for a batch of completions before answering what it has, so a moderate
     message rate costs one wake-up per batch instead of one per message (in docs/benchmarks.md,
     47-54 % less server CPU per message at 20,000-30,000 msgs/s, for up to this much more
     latency); ``0`` answers every completion at once. A lone connection, or a few, never

@@ -59,8 +59,8 @@ def _add_server_options(p: argparse.ArgumentParser, default_port: int = 6000) ->
         "--batch-wait-us",
         type=int,
         default=DEFAULT_BATCH_WAIT_US,
-        help="io_uring: wait up to this long for a batch of completions (0 = answer each at once;"
-        f" default {DEFAULT_BATCH_WAIT_US})",
+        help="io_uring and epoll: wait up to this long for a batch of completions"
+        f" (0 = answer each at once; default {DEFAULT_BATCH_WAIT_US})",
     )
 
 

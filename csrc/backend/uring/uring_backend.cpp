@@ -139,7 +139,7 @@
 #include "../factories.hpp"
 #include "iocpnative/errors.hpp"
 #include "uring_sys.hpp"
-#include "wait_policy.hpp"
+#include "../wait_policy.hpp"
 
 namespace iocpnative {
 
@@ -284,7 +284,7 @@ class UringPoller final : public Poller {
             const bool pollable = feat_.poll && batch == 1;
             if (block && pollable && spin_policy_.on()) {
                 // Poll for up to kSpinUs (io_uring_enter runs the deferred task work).
-                const int64_t until = monotonic_us() + uring::kSpinUs;
+                const int64_t until = monotonic_us() + waits::kSpinUs;
                 do {
                     ring_.enter(0, 0);
                 } while (ring_.ready() == 0 && monotonic_us() < until);
@@ -303,7 +303,7 @@ class UringPoller final : public Poller {
                 const bool timed = block && pollable && !spin_policy_.on();
                 const int64_t t0 = timed ? monotonic_us() : 0;
                 ring_.enter(block ? static_cast<unsigned>(batch) : 0, timeout_ms, batch_wait_us_);
-                if (timed) spin_policy_.waited(monotonic_us() - t0 < uring::kSpinUs);
+                if (timed) spin_policy_.waited(monotonic_us() - t0 < waits::kSpinUs);
             }
             sends_queued_ = false;
             batched = block && batch > 1;
@@ -332,7 +332,7 @@ class UringPoller final : public Poller {
     void end_span_if_due() {
         const int64_t now = monotonic_us();
         const int64_t span = now - span_since_;
-        if (span < uring::kSpanUs) return;
+        if (span < waits::kSpanUs) return;
         batch_policy_.end_span(span, static_cast<int64_t>(batch_wait_us_));
         spin_policy_.end_span();
         span_since_ = now;
@@ -927,8 +927,8 @@ class UringPoller final : public Poller {
     int64_t conns_ = 0;           // attached and not yet closed, for the buffer ring's size
     int64_t enobufs_ = 0;         // recvs that found the ring empty since grow_if_short()
     int64_t span_since_ = 0;      // monotonic_us() when the wait policies' span began
-    uring::BatchPolicy batch_policy_;
-    uring::SpinPolicy spin_policy_;
+    waits::BatchPolicy batch_policy_;
+    waits::SpinPolicy spin_policy_;
     WorkerStats* const stats_;
 };
 

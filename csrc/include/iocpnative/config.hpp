@@ -27,10 +27,10 @@ struct ServerConfig {
     size_t buffer_size = 65536;    // bytes per IoData buffer (one recv at most this much)
     size_t max_connections = 10000;
     double idle_timeout = 0.0;  // seconds; <= 0 means never
-    // io_uring on Linux >= 6.7: with many receives posted, how long a worker may wait for a
-    // small batch of completions before answering what it has (one wake-up per batch instead
-    // of one per message: less CPU at moderate rates, up to this much more latency). 0 answers
-    // every completion at once. Other backends and older kernels never wait for a batch.
+    // io_uring on Linux >= 6.7, and epoll: with many receives posted, how long a worker may wait
+    // for a small batch of completions before answering what it has (one wake-up per batch
+    // instead of one per message: less CPU at moderate rates, up to this much more latency). 0
+    // answers every completion at once. IOCP and older kernels never wait for a batch.
     int batch_wait_us = kDefaultBatchWaitUs;
     bool verbose = false;  // log connects and disconnects to stderr, like the seed
     int backlog = 1024;

@@ -1,11 +1,11 @@
-// The io_uring worker's two adaptive ways of waiting, each switched on or off once per span (at
-// least kSpanUs) from what the span before showed:
-// - BatchPolicy: batch waits (the kernel's min_wait; see uring_backend.cpp). Each arms a kernel
-//   timer and holds the requests that arrive in its window, so it pays only where the window
-//   gathers a few of them.
-// - SpinPolicy: polling for up to kSpinUs before sleeping. Under saturation the next completion
-//   is due within microseconds, and the sleep and wake-up cost more than the poll (on loopback
-//   the peer's CPU pays our wake-up too).
+// A Linux worker's two adaptive ways of waiting, each switched on or off once per span (at least
+// kSpanUs) from what the span before showed:
+// - BatchPolicy: batch waits (io_uring: the kernel's min_wait, see uring_backend.cpp; epoll: a
+//   sleep no arriving data ends, see epoll_backend.cpp). Each arms a kernel timer and holds the
+//   requests that arrive in its window, so it pays only where the window gathers a few of them.
+// - SpinPolicy (io_uring): polling for up to kSpinUs before sleeping. Under saturation the next
+//   completion is due within microseconds, and the sleep and wake-up cost more than the poll (on
+//   loopback the peer's CPU pays our wake-up too).
 // Plain counters, no clock and no ring: the poller feeds them, the tests drive them span by span.
 #pragma once
 
@@ -13,7 +13,7 @@
 #include <cstdint>
 
 namespace iocpnative {
-namespace uring {
+namespace waits {
 
 constexpr int64_t kSpanUs = 5000;
 constexpr int64_t kBackoffMaxSpans = 32;
@@ -114,5 +114,5 @@ class SpinPolicy {
     bool on_ = false;
 };
 
-}  // namespace uring
+}  // namespace waits
 }  // namespace iocpnative
