@@ -245,9 +245,11 @@ class UringPoller final : public Poller {
         int n = take_ready(out, max);
         if (!backlog_.empty() || !to_close_.empty()) submit_queued();
         timeout_ms = clamp_for_accept_pause(timeout_ms);
-        // SQEs the kernel could not take yet (see submit_queued) must not wait for a completion
-        // that may never come: wait briefly, then try them again.
-        if (!backlog_.empty() && (timeout_ms < 0 || timeout_ms > kBacklogRetryMs)) {
+        // SQEs the kernel could not take yet (see submit_queued), and the descriptors waiting for
+        // them to close, must not wait for a completion that may never come: wait briefly, then
+        // try again.
+        if ((!backlog_.empty() || !to_close_.empty()) &&
+            (timeout_ms < 0 || timeout_ms > kBacklogRetryMs)) {
             timeout_ms = kBacklogRetryMs;
         }
         const bool have = n > 0 || ring_.ready() > 0;
