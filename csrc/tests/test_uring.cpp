@@ -4,9 +4,9 @@
 // data than the ring has buffers (-ENOBUFS: own IoData, then waiting for the ring), buffers
 // going back to the ring after use, the ring growing when many more connections are busy,
 // batch waits (a wait for a CQE, an idle server asleep, no window for a lone busy client), the
-// wait policies span by span (batch waits, polling), and stop() cancelling many connections
-// with data in flight. Skipped (77) where io_uring is unavailable (the policy tests run
-// everywhere).
+// wait policies span by span (batch waits, polling), stop() cancelling many connections
+// with data in flight, and SQEs that waited for room in the SQ submitted before a wait blocks.
+// Skipped (77) where io_uring is unavailable (the policy tests run everywhere).
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -681,6 +681,139 @@ TEST_CASE(stop_cancels_many_connections) {
         } catch (const SystemError&) {
             // A reset is an end too (the server closed with our bytes unread).
         }
+    }
+    return testh::kPass;
+}
+
+namespace {
+
+// A Poller of the io_uring backend driven by hand, as a Worker drives it, for orders of events
+// that a server does not produce on demand. Its connections are socketpairs; `peer(i)` is the
+// other end of connection i.
+class HandDriven {
+  public:
+    explicit HandDriven(int conns) : pool_(4096, false) {
+        listener_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        if (listener_ < 0 || ::bind(listener_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0 ||
+            ::listen(listener_, 16) != 0) {
+            throw std::runtime_error("listener");
+        }
+        PollerContext ctx;
+        ctx.listener = listener_;
+        ctx.pool = &pool_;
+        ctx.stats = &stats_;
+        backend_ = create_backend("io_uring");
+        poller_ = backend_->make_poller(ctx);
+        for (int i = 0; i < conns; ++i) {
+            int sv[2];
+            if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+                throw std::runtime_error("socketpair");
+            }
+            conns_.push_back(std::make_unique<Connection>());
+            conns_.back()->sock = sv[0];
+            peers_.push_back(sv[1]);
+            if (poller_->attach(*conns_.back()) != 0) throw std::runtime_error("attach");
+        }
+    }
+    ~HandDriven() {
+        poller_.reset();
+        for (int s : peers_) ::close(s);
+        ::close(listener_);
+    }
+
+    Poller& poller() { return *poller_; }
+    IoDataPool& pool() { return pool_; }
+    Connection& conn(size_t i) { return *conns_[i]; }
+    int peer(size_t i) const { return peers_[i]; }
+
+    void post_recv(Connection& c) {
+        ++c.ops_in_flight;
+        poller_->post_recv(c);
+    }
+
+    // What the Worker does with an event: the operation is over, its IoData goes back.
+    void handle(const Event& ev) {
+        if (ev.kind == Event::Kind::Released) {
+            ev.conn->backend_holds = false;
+            return;
+        }
+        if (ev.kind == Event::Kind::Accepted) {
+            ::close(ev.accepted);
+            return;
+        }
+        pool_.release(ev.io);
+        --ev.conn->ops_in_flight;
+    }
+
+    // Closes every connection and handles events until nothing is in flight (false after 5 s).
+    bool close_all_and_drain() {
+        for (auto& c : conns_) {
+            if (!c->closing) {
+                c->closing = true;
+                poller_->close(*c);
+            }
+        }
+        poller_->stop_accepting();
+        Event ev[128];
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+        while (std::chrono::steady_clock::now() < deadline) {
+            bool busy = !poller_->quiescent();
+            for (auto& c : conns_) busy = busy || c->ops_in_flight != 0 || c->backend_holds;
+            if (!busy) return true;
+            const int n = poller_->wait(ev, 128, 10);
+            for (int i = 0; i < n; ++i) handle(ev[i]);
+        }
+        return false;
+    }
+
+  private:
+    IoDataPool pool_;
+    WorkerStats stats_;
+    int listener_ = -1;
+    std::unique_ptr<Backend> backend_;
+    std::unique_ptr<Poller> poller_;
+    std::vector<std::unique_ptr<Connection>> conns_;
+    std::vector<int> peers_;
+};
+
+}  // namespace
+
+// SQEs that found the SQ full and the kernel unable to take more (io_uring_enter failing with EBUSY
+// while overflowed CQEs cannot be flushed, as older kernels do, or EAGAIN without memory) wait in
+// the backlog. A wait() must hand all of them to the kernel before it blocks: one left behind was
+// submitted only at the next wait(), so a recv in it saw its data, or a send reached its peer, only
+// when some other completion ended the blocking wait (never, on a quiet server). A ring not yet
+// enabled takes no SQE either (the first wait() enables it), which is how the test fills the
+// backlog: 300 recvs posted before the first wait(), more than the SQ's 256 entries; the last one's
+// peer has sent a byte, which the first wait() must deliver at once. Each way of receiving.
+TEST_CASE(wait_submits_the_backlog_before_blocking) {
+    if (!uring_available()) return testh::kSkip;
+    constexpr size_t kConns = 300;
+    for (const char* off : {"", "multishot_recv", "pbuf_ring"}) {
+        std::printf("  IOCPNATIVE_URING_DISABLE=%s\n", off);
+        DisableFeatures guard(off);
+        HandDriven h(static_cast<int>(kConns));
+        for (size_t i = 0; i < kConns; ++i) h.post_recv(h.conn(i));
+        Connection& last = h.conn(kConns - 1);
+        ASSERT_EQ(::send(h.peer(kConns - 1), "x", 1, MSG_NOSIGNAL), 1);
+        Event ev[128];
+        const auto t0 = std::chrono::steady_clock::now();
+        int n = h.poller().wait(ev, 128, 2000);
+        const auto waited = std::chrono::duration_cast<std::chrono::milliseconds>(
+                                std::chrono::steady_clock::now() - t0)
+                                .count();
+        std::printf("  first wait: %d event(s) after %lld ms\n", n, static_cast<long long>(waited));
+        ASSERT_EQ(n, 1);
+        ASSERT_TRUE(ev[0].kind == Event::Kind::Recv && ev[0].conn == &last);
+        ASSERT_EQ(ev[0].result, 1);
+        ASSERT_EQ(ev[0].io->data()[0], 'x');
+        ASSERT_LE(waited, 999);
+        h.handle(ev[0]);
+        ASSERT_TRUE(h.close_all_and_drain());
+        ASSERT_EQ(h.pool().in_use(), 0);
     }
     return testh::kPass;
 }

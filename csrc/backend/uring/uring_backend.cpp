@@ -191,6 +191,7 @@ constexpr int64_t kBatchMinRecvs = 16;   // batched waits need this many recvs p
 constexpr int64_t kRecvsPerBatched = 4;  // a batch wait waits for one completion per 4 recvs,
 constexpr int64_t kBatchCount = 16;      // at most 16 (or for the window)
 constexpr int64_t kAcceptPauseMs = 100;  // back-off after EMFILE/ENFILE/ENOBUFS/ENOMEM
+constexpr int kBacklogRetryMs = 1;       // longest wait while the kernel refuses queued SQEs
 
 // Power of two between 16 and 256, about kBufRingBudget bytes in all.
 unsigned buffer_ring_count(size_t size) {
@@ -254,9 +255,15 @@ class UringPoller final : public Poller {
         grow_if_short();
         retry_starved();
         int n = take_ready(out, max);
-        flush_backlog();
-        if (!to_close_.empty()) submit_then_close();
+        if (!backlog_.empty() || !to_close_.empty()) submit_queued();
         timeout_ms = clamp_for_accept_pause(timeout_ms);
+        // SQEs the kernel could not take yet (see submit_queued), and the descriptors waiting for
+        // them to close, must not wait for a completion that may never come: wait briefly, then
+        // try again.
+        if ((!backlog_.empty() || !to_close_.empty()) &&
+            (timeout_ms < 0 || timeout_ms > kBacklogRetryMs)) {
+            timeout_ms = kBacklogRetryMs;
+        }
         const bool have = n > 0 || ring_.ready() > 0;
         bool batched = false;
         // Submit and wait in one io_uring_enter. When completions are already waiting and
@@ -876,17 +883,23 @@ class UringPoller final : public Poller {
         return n;
     }
 
-    // Closes the descriptors of closed connections once every SQE queued before (which may name
-    // them) has reached the kernel, submitting first if needed: before the blocking wait, or a
-    // peer would not see the close until some other completion woke us.
-    void submit_then_close() {
+    // Before a wait: moves the backlog into the SQ, submitting as often as that takes, so that the
+    // wait's io_uring_enter submits every SQE queued (one left in the backlog would reach the
+    // kernel only after the wait, i.e. after some other completion); then closes the descriptors
+    // of closed connections once every SQE queued before (which may name them) has reached the
+    // kernel, submitting first if needed, or a peer would not see the close until some other
+    // completion woke us. When the kernel takes no more (EAGAIN without memory, or, on older
+    // kernels, EBUSY while overflowed CQEs cannot be flushed), what is left waits for the next
+    // call, after the next reap.
+    void submit_queued() {
+        flush_backlog();
         for (;;) {
             const unsigned queued = ring_.unsubmitted();
             const size_t spilled = backlog_.size();
             if (queued == 0 && spilled == 0) return close_deferred();
+            if (spilled == 0 && to_close_.empty()) return;  // the wait submits the SQ
             ring_.enter(0, 0);
             flush_backlog();
-            // No progress (EAGAIN/EBUSY): close later, after the next reap.
             if (ring_.unsubmitted() >= queued && backlog_.size() >= spilled) return;
         }
     }
