@@ -327,10 +327,14 @@ class UringPoller final : public Poller {
     // rest of the timeout. One more system call than min_wait only for an empty window, which
     // BatchPolicy keeps rare.
     void wait_window(unsigned batch, int timeout_ms) {
-        ring_.enter_window(batch, batch_wait_us_);
+        unsigned window = batch_wait_us_;
+        if (timeout_ms >= 0 && int64_t{timeout_ms} * 1000 < window) {
+            window = static_cast<unsigned>(timeout_ms) * 1000u;  // the backlog's 1 ms cap
+        }
+        ring_.enter_window(batch, window);
         if (ring_.ready() > 0) return;
         int rest = timeout_ms;
-        if (rest > 0) rest = std::max(0, rest - static_cast<int>((batch_wait_us_ + 999) / 1000));
+        if (rest > 0) rest = std::max(0, rest - static_cast<int>((window + 999) / 1000));
         ring_.enter(1, rest);
     }
 
