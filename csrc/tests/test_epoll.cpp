@@ -1,6 +1,7 @@
 // The epoll backend's batch waits (epoll_backend.cpp): a worker that would sleep while requests
-// come fast enough sleeps through a window no arriving data ends, and answers the batch; a lone
-// busy client is not held, an idle worker sleeps, and stop() ends a batch wait at once.
+// come fast enough sleeps through a window no arriving data ends, and answers the batch; an idle
+// worker sleeps, and stop() ends a batch wait at once. (A lone busy client among idle ones is not
+// held: test_server.cpp, on every backend.)
 #include <chrono>
 #include <memory>
 #include <stdexcept>
@@ -55,30 +56,6 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 }  // namespace
-
-// One busy client among idle connections: its next request cannot arrive before this reply, so a
-// batch wait gathers nothing and must not go on holding it. With a 50 ms window, a server that
-// kept batching here answered about 20 requests a second.
-TEST_CASE(lone_busy_client_is_not_held_by_batch_waits) {
-    Server srv(epoll_config(50000));
-    srv.start();
-    auto idle = idle_clients(srv, 40);
-    Client busy("127.0.0.1", srv.port(), 5.0);
-    const std::string msg = random_bytes(64, 11);
-    std::string back(msg.size(), '\0');
-    int done = 0;
-    const auto t0 = std::chrono::steady_clock::now();
-    while (seconds_since(t0) < 1.0) {
-        busy.request(msg.data(), msg.size(), &back[0]);
-        ASSERT_TRUE(back == msg);
-        ++done;
-    }
-    std::printf("  %d requests in 1 s with a 50 ms batch window\n", done);
-    ASSERT_TRUE(done >= 200);
-    srv.stop(5.0);
-    expect_pool_freed(srv);
-    return testh::kPass;
-}
 
 // Requests from many connections at once are answered in one batch: 40 clients each send a
 // request together, and every reply comes back (the count, not only the window, can end a wait).

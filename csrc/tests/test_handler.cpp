@@ -248,37 +248,9 @@ TEST_CASE(idle_timeout_spares_a_busy_handler_connection) {
     });
 }
 
-// Blocks in on_data until released; stop() must not wait for it beyond its timeout.
-class Blocker final : public DataHandler {
-  public:
-    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
-        std::unique_lock<std::mutex> g(mu_);
-        entered_ = true;
-        cv_.notify_all();
-        cv_.wait(g, [&] { return released_; });
-        out.assign(data, len);
-        return true;
-    }
-    void wait_entered() {
-        std::unique_lock<std::mutex> g(mu_);
-        ASSERT_TRUE(cv_.wait_for(g, std::chrono::seconds(10), [&] { return entered_; }));
-    }
-    void release() {
-        std::lock_guard<std::mutex> g(mu_);
-        released_ = true;
-        cv_.notify_all();
-    }
-
-  private:
-    std::mutex mu_;
-    std::condition_variable cv_;
-    bool entered_ = false;
-    bool released_ = false;
-};
-
 TEST_CASE(stop_while_handler_blocks_times_out_then_completes) {
     return for_each_backend([](const std::string& backend) {
-        auto h = std::make_shared<Blocker>();
+        auto h = std::make_shared<testutil::Blocker>();
         ServerConfig cfg = config_for(backend, 4096);
         cfg.workers = 1;
         Server srv(cfg, h);

@@ -492,47 +492,13 @@ TEST_CASE(stop_retires_parked_accepts) {
     return 0;
 }
 
-namespace {
-
-// Blocks in its first on_data until released, after saying that it has started.
-class BlockingHandler final : public DataHandler {
-  public:
-    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
-        {
-            std::unique_lock<std::mutex> g(mu_);
-            entered_ = true;
-            cv_.notify_all();
-            cv_.wait_for(g, std::chrono::seconds(20), [&] { return released_; });
-        }
-        out.assign(data, len);
-        return true;
-    }
-    void wait_entered() {
-        std::unique_lock<std::mutex> g(mu_);
-        ASSERT_TRUE(cv_.wait_for(g, std::chrono::seconds(20), [&] { return entered_; }));
-    }
-    void release() {
-        std::lock_guard<std::mutex> g(mu_);
-        released_ = true;
-        cv_.notify_all();
-    }
-
-  private:
-    std::mutex mu_;
-    std::condition_variable cv_;
-    bool entered_ = false;
-    bool released_ = false;
-};
-
-}  // namespace
-
 // stop() while a handler holds one worker for 0.5 s: that worker never takes its wake-up, and
 // the other (draining) workers passed the one left over to each other at once, again and again,
 // for the whole wait (over 10,000 times under wine). Held and passed on when a wait times out,
 // it moves about every 10 ms.
 TEST_CASE(stop_waiting_for_a_handler_does_not_spin_on_wakeups) {
     const CompletionPaths before = iocp::completion_paths();
-    auto handler = std::make_shared<BlockingHandler>();
+    auto handler = std::make_shared<testutil::Blocker>();
     Server srv(iocp_config(4), handler);
     srv.start();
     Client cli("127.0.0.1", srv.port(), 20.0);

@@ -555,34 +555,6 @@ TEST_CASE(idle_server_sleeps) {
     return testh::kPass;
 }
 
-// One busy client among idle connections: its next request cannot arrive before this reply, so
-// a batch wait gathers nothing and must not hold it for the window. With a 50 ms window, a
-// server that kept batching here answered about 20 requests a second.
-TEST_CASE(lone_busy_client_is_not_held_by_batch_waits) {
-    if (!uring_available()) return testh::kSkip;
-    ServerConfig cfg = uring_config();
-    cfg.workers = 1;
-    cfg.batch_wait_us = 50000;
-    Server srv(cfg);
-    srv.start();
-    auto idle = connect_and_serve_once(srv, 40);
-    Client busy("127.0.0.1", srv.port(), 5.0);
-    const std::string msg = random_bytes(64, 11);
-    std::string back(msg.size(), '\0');
-    int done = 0;
-    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-    while (std::chrono::steady_clock::now() < end) {
-        busy.request(msg.data(), msg.size(), &back[0]);
-        ASSERT_TRUE(back == msg);
-        ++done;
-    }
-    std::printf("  %d requests in 1 s with a 50 ms batch window\n", done);
-    ASSERT_TRUE(done >= 200);
-    srv.stop(5.0);
-    expect_pool_freed(srv);
-    return testh::kPass;
-}
-
 // BatchPolicy, span by span (5 ms spans, 200 us window): on from 1.25 arrivals per window; a
 // span whose batch waits gathered less turns it off for 2 spans, the next failure for 4; a span
 // in which they paid starts the doubling over.

@@ -2,7 +2,10 @@
 // and the "everything freed" check after stop().
 #pragma once
 
+#include <chrono>
+#include <condition_variable>
 #include <cstdio>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -59,6 +62,37 @@ inline void expect_pool_freed(const iocpnative::Server& srv) {
     ASSERT_EQ(st.pool_allocated, 0);
     ASSERT_EQ(st.active_connections, 0);
 }
+
+// A handler that blocks in on_data until release() (20 s at most, so that a failing test cannot
+// hang), after saying it has started: for stop() while a handler runs.
+class Blocker final : public iocpnative::DataHandler {
+  public:
+    bool on_data(uint64_t, const char* data, size_t len, std::string& out) override {
+        {
+            std::unique_lock<std::mutex> g(mu_);
+            entered_ = true;
+            cv_.notify_all();
+            cv_.wait_for(g, std::chrono::seconds(20), [&] { return released_; });
+        }
+        out.assign(data, len);
+        return true;
+    }
+    void wait_entered() {
+        std::unique_lock<std::mutex> g(mu_);
+        ASSERT_TRUE(cv_.wait_for(g, std::chrono::seconds(20), [&] { return entered_; }));
+    }
+    void release() {
+        std::lock_guard<std::mutex> g(mu_);
+        released_ = true;
+        cv_.notify_all();
+    }
+
+  private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool entered_ = false;
+    bool released_ = false;
+};
 
 #ifdef __linux__
 // Context switches of every thread of this process so far (Linux /proc).
