@@ -9,6 +9,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <thread>
 
 #ifdef __linux__
 #include <dirent.h>
@@ -112,6 +113,17 @@ inline long long context_switches() {
     }
     ::closedir(d);
     return total;
+}
+
+// Context switches of this process in 300 ms of quiet, after 50 ms for the last completions: a
+// sleeping server makes only a few.
+inline long long idle_context_switches() {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const long long before = context_switches();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    const long long switches = context_switches() - before;
+    std::printf("  %lld context switches in 300 ms\n", switches);
+    return switches;
 }
 #endif  // __linux__
 
