@@ -95,6 +95,14 @@ class Poller {
     // an error) so that the close happens soon on the thread handling it. The caller holds the
     // ConnectionTable lock, so conn stays alive during the call.
     virtual void request_close(Connection& conn) { (void)conn; }
+    // Receive buffers held by waiting connections (IOCP: the buffer of a pending WSARecv). A
+    // backend that needs it returns a period here; the worker that scans the connection table
+    // (every worker its own; worker 0 a shared one) then calls scan_buffers(conn) for each
+    // connection that often, on its own thread, holding the table lock (conn stays alive). The
+    // backend takes back the buffers of reads that have waited since the previous scan. Not
+    // called while draining.
+    virtual int buffer_scan_ms() const { return 0; }
+    virtual void scan_buffers(Connection& conn) { (void)conn; }
 };
 
 // Everything a Poller needs from its server.
@@ -103,8 +111,11 @@ struct PollerContext {
     int workers = 1;                     // worker count
     socket_t listener = kInvalidSocket;  // bound and listening, non-blocking
     IoDataPool* pool = nullptr;          // this worker's pool (the shared one for IOCP)
-    unsigned batch_wait_us = 0;          // ServerConfig::batch_wait_us (0: no batched waits)
-    WorkerStats* stats = nullptr;        // this worker's counters (the Poller may write its own)
+    // IoData without a buffer (capacity 0), for operations that carry no data: IOCP's AcceptEx
+    // and zero-byte reads. Shared like `pool`; only backends with a shared queue get one.
+    IoDataPool* header_pool = nullptr;
+    unsigned batch_wait_us = 0;    // ServerConfig::batch_wait_us (0: no batched waits)
+    WorkerStats* stats = nullptr;  // this worker's counters (the Poller may write its own)
 };
 
 class Backend {

@@ -80,6 +80,12 @@ void ServerCore::start() {
             pools_.push_back(std::make_unique<IoDataPool>(cfg_.buffer_size, shared));
             tables_.push_back(std::make_unique<ConnectionTable>(shared));
         }
+        // Listed after the worker pools, so that stats() and stop() count and trim it too.
+        IoDataPool* header_pool = nullptr;
+        if (shared) {
+            pools_.push_back(std::make_unique<IoDataPool>(0, true));
+            header_pool = pools_.back().get();
+        }
         for (int i = 0; i < workers; ++i) {
             worker_stats_.push_back(std::make_unique<WorkerStats>());
             PollerContext ctx;
@@ -88,6 +94,7 @@ void ServerCore::start() {
             ctx.listener = l.sock;
             const size_t q = shared ? 0 : static_cast<size_t>(i);
             ctx.pool = pools_[q].get();
+            ctx.header_pool = header_pool;
             ctx.batch_wait_us = static_cast<unsigned>(cfg_.batch_wait_us);
             ctx.stats = worker_stats_.back().get();
             workers_.push_back(std::make_unique<Worker>(*this, i, backend_->make_poller(ctx),

@@ -65,7 +65,7 @@ class ServerCore : public std::enable_shared_from_this<ServerCore> {
     socket_t listener_ = kInvalidSocket;
 
     std::unique_ptr<Backend> backend_;
-    std::vector<std::unique_ptr<IoDataPool>> pools_;          // one per worker, or one shared
+    std::vector<std::unique_ptr<IoDataPool>> pools_;  // one per worker, or one shared + headers
     std::vector<std::unique_ptr<ConnectionTable>> tables_;    // likewise
     std::vector<std::unique_ptr<WorkerStats>> worker_stats_;  // one per worker
     std::vector<std::unique_ptr<Worker>> workers_;

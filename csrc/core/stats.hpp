@@ -13,7 +13,7 @@ struct alignas(64) WorkerStats {
     std::atomic<int64_t> bytes_received{0};
     std::atomic<int64_t> bytes_sent{0};
     std::atomic<int64_t> handler_errors{0};
-    std::atomic<int64_t> recv_buffers{0};  // written by the worker's Poller (io_uring)
+    std::atomic<int64_t> recv_buffers{0};  // written by the worker's Poller (io_uring, IOCP)
 
     static void add(std::atomic<int64_t>& c, int64_t v) noexcept {
         c.store(c.load(std::memory_order_relaxed) + v, std::memory_order_relaxed);

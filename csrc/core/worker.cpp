@@ -38,6 +38,7 @@ Worker::Worker(ServerCore& core, int index, std::unique_ptr<Poller> poller, IoDa
     if (idle > 0 && idle < kNeverSeconds) {
         idle_ms_ = std::max<int64_t>(1, static_cast<int64_t>(idle * 1000.0 + 0.5));
     }
+    buffer_scan_ms_ = std::max(0, poller_->buffer_scan_ms());
 }
 
 Worker::~Worker() = default;
@@ -63,8 +64,11 @@ void Worker::run() noexcept {
 
 int Worker::wait_timeout_ms() const {
     if (draining_) return 10;  // re-check the drain condition; stop() woke us once already
-    if (idle_ms_ == 0) return -1;
-    const int64_t left = next_idle_scan_ms_ - monotonic_ms();
+    const bool buffers = scans_buffers();
+    if (idle_ms_ == 0 && !buffers) return -1;
+    int64_t due = idle_ms_ > 0 ? next_idle_scan_ms_ : next_buffer_scan_ms_;
+    if (buffers) due = std::min(due, next_buffer_scan_ms_);
+    const int64_t left = due - monotonic_ms();
     // Long idle timeouts scan rarely; a wait is capped so that the ms count fits in an int.
     return left <= 0 ? 0 : static_cast<int>(std::min<int64_t>(left, int64_t{1} << 30));
 }
@@ -73,13 +77,16 @@ void Worker::loop() {
     Event events[kMaxEvents];
     now_ms_ = monotonic_ms();
     next_idle_scan_ms_ = now_ms_ + (idle_ms_ > 0 ? std::max<int64_t>(idle_ms_ / 4, 1) : 0);
+    next_buffer_scan_ms_ = now_ms_ + buffer_scan_ms_;
+    const bool clock = idle_ms_ > 0 || scans_buffers() || core_.config().verbose;
     for (;;) {
         if (!draining_ && core_.stop_requested()) begin_drain();
         if (draining_ && table_.empty() && poller_->quiescent()) return;
         const int n = poller_->wait(events, kMaxEvents, wait_timeout_ms());
-        if (idle_ms_ > 0 || core_.config().verbose) now_ms_ = monotonic_ms();
+        if (clock) now_ms_ = monotonic_ms();
         handle_events(events, n);
         if (idle_ms_ > 0 && !draining_ && now_ms_ >= next_idle_scan_ms_) scan_idle();
+        if (scans_buffers() && !draining_ && now_ms_ >= next_buffer_scan_ms_) scan_buffers();
     }
 }
 
@@ -366,6 +373,15 @@ void Worker::scan_idle() {
         close_connection(*c);
         op_done_check(*c);
     }
+}
+
+// The backend's receive buffers held by waiting connections (Poller::buffer_scan_ms). The walk
+// holds the table lock, but the backend does only a check and at most a cancellation each. A
+// shared table's connections may be in any state (another worker may be closing one): the backend
+// checks under its own lock.
+void Worker::scan_buffers() {
+    next_buffer_scan_ms_ = now_ms_ + buffer_scan_ms_;
+    table_.for_each([&](Connection* c) { poller_->scan_buffers(*c); });
 }
 
 // Shared queue: another worker may be handling any of these connections right now, so this

@@ -68,6 +68,8 @@ class Worker {
     void op_done_check(Connection& c);
     void begin_drain();
     void scan_idle();
+    void scan_buffers();
+    bool scans_buffers() const { return buffer_scan_ms_ > 0 && (!table_.shared() || index_ == 0); }
     void request_close_shared(bool idle_only);
     bool is_idle(const Connection& c) const;
     void log_idle(const Connection& c) const;
@@ -93,6 +95,8 @@ class Worker {
     int64_t now_ms_ = 0;
     int64_t idle_ms_ = 0;  // idle timeout in ms, 0 = never
     int64_t next_idle_scan_ms_ = 0;
+    int64_t buffer_scan_ms_ = 0;  // Poller::buffer_scan_ms(), 0 = the backend needs no scan
+    int64_t next_buffer_scan_ms_ = 0;
 };
 
 int64_t monotonic_ms() noexcept;

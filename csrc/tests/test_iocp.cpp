@@ -2,13 +2,15 @@
 // exactly once in each of the cases DESIGN.md lists, with FILE_SKIP_COMPLETION_PORT_ON_SUCCESS
 // and without it; accepts survive peers that reset before being accepted; closes requested from
 // another worker (idle timeout, stop) reach connections whose completions run anywhere; every
-// worker gets its wake-up; no socket is inherited by a child process. Each case ends with the
-// pool freed.
+// worker gets its wake-up; no socket is inherited by a child process; waiting connections hold
+// no receive buffer (zero-byte reads, buffers taken back by scans racing the requests). Each case
+// ends with the pool freed.
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -52,22 +54,42 @@ CompletionPaths delta(const CompletionPaths& a, const CompletionPaths& b) {
     d.accept_resets = b.accept_resets - a.accept_resets;
     d.accept_pauses = b.accept_pauses - a.accept_pauses;
     d.wakeups_forwarded = b.wakeups_forwarded - a.wakeups_forwarded;
+    d.zero_reads = b.zero_reads - a.zero_reads;
+    d.reads_now = b.reads_now - a.reads_now;
+    d.reclaims_requested = b.reclaims_requested - a.reclaims_requested;
+    d.buffers_reclaimed = b.buffers_reclaimed - a.buffers_reclaimed;
     return d;
 }
 
 void print(const CompletionPaths& d) {
     std::printf(
         "  pending=%lld inline_success=%lld success_with_packet=%lld failed_at_once=%lld "
-        "packets=%lld accepts=%lld accept_resets=%lld accept_pauses=%lld wakeups_forwarded=%lld\n",
+        "packets=%lld accepts=%lld accept_resets=%lld accept_pauses=%lld wakeups_forwarded=%lld "
+        "zero_reads=%lld reads_now=%lld reclaims_requested=%lld buffers_reclaimed=%lld\n",
         static_cast<long long>(d.pending), static_cast<long long>(d.inline_success),
         static_cast<long long>(d.success_with_packet), static_cast<long long>(d.failed_at_once),
         static_cast<long long>(d.packets), static_cast<long long>(d.accepts_completed),
         static_cast<long long>(d.accept_resets), static_cast<long long>(d.accept_pauses),
-        static_cast<long long>(d.wakeups_forwarded));
+        static_cast<long long>(d.wakeups_forwarded), static_cast<long long>(d.zero_reads),
+        static_cast<long long>(d.reads_now), static_cast<long long>(d.reclaims_requested),
+        static_cast<long long>(d.buffers_reclaimed));
 }
 
 void set_skip_mode(bool on) {
     ASSERT_EQ(_putenv_s("IOCPNATIVE_IOCP_SKIP_ON_SUCCESS", on ? "1" : "0"), 0);
+}
+
+// How often the buffer scan runs (read when a server starts); "" restores the default.
+void set_buffer_scan_ms(const char* ms) {
+    ASSERT_EQ(_putenv_s("IOCPNATIVE_IOCP_BUFFER_SCAN_MS", ms), 0);
+}
+
+bool wait_for(const std::function<bool()>& done, int timeout_ms) {
+    for (int waited = 0; !done(); waited += 10) {
+        if (waited >= timeout_ms) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
 }
 
 // Echo traffic that makes the OS complete some operations at once (data already buffered when
@@ -514,6 +536,91 @@ TEST_CASE(stop_waiting_for_a_handler_does_not_spin_on_wakeups) {
     const CompletionPaths d = delta(before, iocp::completion_paths());
     print(d);
     ASSERT_LE(d.wakeups_forwarded, 200);
+    return 0;
+}
+
+// Zero-byte reads (libuv's): a connection that has said nothing yet, or that has paused for two
+// buffer scans, waits holding no receive buffer, and still gets every byte once it speaks.
+TEST_CASE(waiting_connections_hold_no_buffer) {
+    set_buffer_scan_ms("50");
+    const CompletionPaths before = iocp::completion_paths();
+    ServerConfig cfg = iocp_config(2);
+    Server srv(cfg);
+    srv.start();
+    constexpr int kClients = 40;
+    std::vector<std::unique_ptr<Client>> clients;
+    for (int i = 0; i < kClients; ++i) {
+        clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 20.0));
+    }
+    ASSERT_TRUE(wait_for([&] { return srv.stats().active_connections == kClients; }, 10000));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    ASSERT_EQ(srv.stats().recv_buffers, 0);  // connected, silent: zero-byte reads only
+    for (int round = 0; round < 2; ++round) {
+        for (int i = 0; i < kClients; ++i) {
+            const std::string msg =
+                random_bytes(1000 + 37 * i, static_cast<unsigned>(round * 100 + i));
+            std::string back(msg.size(), '\0');
+            clients[i]->request(msg.data(), msg.size(), &back[0]);
+            ASSERT_TRUE(back == msg);
+        }
+        // Every connection now waits with a buffer again, until two scans have seen it wait.
+        ASSERT_TRUE(wait_for([&] { return srv.stats().recv_buffers == 0; }, 10000));
+    }
+    srv.stop(10.0);
+    expect_pool_freed(srv);
+    ASSERT_EQ(srv.stats().recv_buffers, 0);
+    // The pollers add their counts when they are destroyed, at the end of stop().
+    const CompletionPaths d = delta(before, iocp::completion_paths());
+    print(d);
+    ASSERT_GE(d.zero_reads, 2 * kClients);         // the first wait of each, and one per reclaim
+    ASSERT_GE(d.reads_now, 2 * kClients);          // the two requests of each came in after one
+    ASSERT_EQ(d.buffers_reclaimed, 2 * kClients);  // nobody sent while a read was cancelled
+    ASSERT_EQ(d.reclaims_requested, 2 * kClients);
+    set_buffer_scan_ms("");
+    return 0;
+}
+
+// Buffer scans every millisecond: reads are cancelled while requests arrive, in every order a
+// cancellation and a completion can come in. Every echo must still be whole and in order.
+TEST_CASE(buffer_scans_racing_requests_lose_nothing) {
+    for (const bool skip : {true, false}) {
+        set_skip_mode(skip);
+        set_buffer_scan_ms("1");
+        const CompletionPaths before = iocp::completion_paths();
+        ServerConfig cfg = iocp_config(3);
+        cfg.buffer_size = 1024;
+        Server srv(cfg);
+        srv.start();
+        std::vector<std::thread> threads;
+        std::atomic<int> ok{0};
+        for (int t = 0; t < 4; ++t) {
+            threads.emplace_back([&, t] {
+                Client cli("127.0.0.1", srv.port(), 20.0);
+                for (int i = 0; i < 150; ++i) {
+                    const size_t n = 1 + static_cast<size_t>((i * 7919 + t * 104729) % 3000);
+                    const std::string msg = random_bytes(n, static_cast<unsigned>(t * 1000 + i));
+                    std::string back(n, '\0');
+                    cli.request(msg.data(), n, &back[0]);
+                    if (back == msg) ok.fetch_add(1);
+                    // Some pauses, long enough for the scans to take the buffer back.
+                    if (i % 10 == t) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+                }
+            });
+        }
+        for (auto& th : threads) th.join();
+        ASSERT_EQ(ok.load(), 4 * 150);
+        srv.stop(10.0);
+        expect_pool_freed(srv);
+        const ServerStats st = srv.stats();
+        ASSERT_EQ(st.bytes_received, st.bytes_sent);
+        ASSERT_EQ(st.recv_buffers, 0);
+        const CompletionPaths d = delta(before, iocp::completion_paths());
+        print(d);
+        ASSERT_EQ(d.packets, d.pending + d.success_with_packet);
+        ASSERT_GT(d.buffers_reclaimed, 0);
+    }
+    set_skip_mode(true);
+    set_buffer_scan_ms("");
     return 0;
 }
 

@@ -58,9 +58,10 @@ class ServerStats:
 
     After a clean ``stop()``, ``pool_in_use`` and ``pool_allocated`` are 0: every IoData and
     its buffer went back to the pool and the pool's memory was freed. ``recv_buffers`` counts
-    the receive buffers registered with the kernel (io_uring's provided buffer rings: 32 per
-    worker at the default buffer size, more once many busy connections find them all taken;
-    0 on the other backends and after ``stop()``).
+    the receive buffers handed to the kernel: io_uring's provided buffer rings (32 per worker at
+    the default buffer size, more once many busy connections find them all taken); IOCP's reads
+    posted with a buffer (a new connection, and one that has waited about a second, waits with a
+    zero-byte read instead); 0 on epoll and after ``stop()``.
     """
 
     active_connections: int = 0

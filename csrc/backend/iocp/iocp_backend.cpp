@@ -104,6 +104,10 @@ void add_completion_paths(const CompletionPaths& p) {
     g_paths.accept_resets += p.accept_resets;
     g_paths.accept_pauses += p.accept_pauses;
     g_paths.wakeups_forwarded += p.wakeups_forwarded;
+    g_paths.zero_reads += p.zero_reads;
+    g_paths.reads_now += p.reads_now;
+    g_paths.reclaims_requested += p.reclaims_requested;
+    g_paths.buffers_reclaimed += p.buffers_reclaimed;
 }
 
 void log_error(const char* what, unsigned long native_error) {
@@ -178,7 +182,8 @@ void IocpBackend::init_listener(const PollerContext& ctx) {
     }
     family_ = addr.ss_family;
     listener_ = ctx.listener;
-    pool_ = ctx.pool;
+    // AcceptEx writes the addresses into address_slots_: its IoData needs no buffer.
+    pool_ = ctx.header_pool != nullptr ? ctx.header_pool : ctx.pool;
     skip_on_success_ = skip_on_success_usable(ctx.listener);
     workers_ = ctx.workers;
     accept_count_ = std::min(kMaxAccepts, std::max(kMinAccepts, 2 * ctx.workers));

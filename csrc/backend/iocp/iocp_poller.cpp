@@ -10,9 +10,18 @@
 //   immediate failure                        no packet will come: queued locally here
 // After issuing the call the IoData and the Connection belong to whichever worker dequeues the
 // packet (it may run before WSARecv even returns here), so only locals are used afterwards.
+//
+// Receive buffers: a connection that waits long holds none. Its read is then a zero-byte WSARecv
+// on a header-only IoData (PollerContext::header_pool), whose completion says "readable", and a
+// non-blocking WSARecv reads the bytes (libuv does the same). A busy connection posts its reads
+// with a buffer. Worker 0 scans the connections twice a second (Poller::scan_buffers) and cancels
+// the reads with a buffer that have waited since its previous scan; their ERROR_OPERATION_ABORTED
+// completions give the buffer back and post the zero-byte read. Either way the core sees exactly
+// one Recv event per post_recv.
 #include <algorithm>
 #include <cerrno>
 #include <cstddef>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -31,13 +40,40 @@ static_assert(std::is_standard_layout<IoData>::value, "IoData must stay standard
 static_assert(offsetof(IoData, overlapped) == 0, "the OVERLAPPED must be IoData's first member");
 
 constexpr ULONG kBatch = 128;
-// Connection::backend_flags: this socket has FILE_SKIP_COMPLETION_PORT_ON_SUCCESS set.
-constexpr uint32_t kSkipOnSuccess = 1u << 0;
+// Connection::backend_flags, read and written under the connection's lock (after attach()).
+constexpr uint32_t kSkipOnSuccess = 1u << 0;  // FILE_SKIP_COMPLETION_PORT_ON_SUCCESS is set
+constexpr uint32_t kFirstRead = 1u << 1;    // no read posted yet: the first waits without a buffer
+constexpr uint32_t kFullRead = 1u << 2;     // the last post was a read with a buffer
+constexpr uint32_t kSeenWaiting = 1u << 3;  // a buffer scan found that read still posted
+constexpr uint32_t kReclaiming = 1u << 4;   // a later scan cancelled it to take its buffer
+constexpr uint32_t kReadFlags = kFirstRead | kFullRead | kSeenWaiting | kReclaiming;
+
+// Reads with a buffer that wait through two buffer scans (longer than this, at most twice it)
+// give their buffer back and wait with a zero-byte read instead. IOCPNATIVE_IOCP_BUFFER_SCAN_MS
+// overrides it (the tests shorten it; 0 keeps buffers posted however long a read waits).
+constexpr int kBufferScanMs = 500;
+// A zero-byte read that completes at once with nothing to read after all is posted again; after
+// this many such rounds the read is posted with a buffer instead (it then simply waits).
+constexpr int kZeroReadRounds = 4;
+
+int buffer_scan_ms_from_env() {
+    const char* env = std::getenv("IOCPNATIVE_IOCP_BUFFER_SCAN_MS");
+    if (env == nullptr || *env == '\0') return kBufferScanMs;
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (*end != '\0' || v < 0 || v > 3600 * 1000) return kBufferScanMs;
+    return static_cast<int>(v);
+}
 
 class IocpPoller final : public Poller {
   public:
     IocpPoller(IocpBackend& backend, const PollerContext& ctx)
-        : backend_(backend), pool_(*ctx.pool), index_(ctx.index) {}
+        : backend_(backend),
+          pool_(*ctx.pool),
+          headers_(ctx.header_pool != nullptr ? *ctx.header_pool : *ctx.pool),
+          index_(ctx.index),
+          buffer_scan_ms_(buffer_scan_ms_from_env()),
+          stats_(ctx.stats) {}
 
     ~IocpPoller() override {
         ready_.discard(pool_);
@@ -76,29 +112,27 @@ class IocpPoller final : public Poller {
                 h, FILE_SKIP_COMPLETION_PORT_ON_SUCCESS | FILE_SKIP_SET_EVENT_ON_HANDLE)) {
             c.backend_flags = kSkipOnSuccess;
         }
+        // Non-blocking, for the reads that follow a zero-byte read. Overlapped calls are not
+        // affected: they still complete through the port.
+        u_long nonblocking = 1;
+        if (::ioctlsocket(c.sock, FIONBIO, &nonblocking) != 0) {
+            return errno_from_native(::WSAGetLastError());
+        }
+        c.backend_flags |= kFirstRead;
         return 0;
     }
 
+    // A connection waits for its first bytes, and for any after a long pause (scan_buffers), with
+    // a zero-byte read, holding no buffer (libuv's zero reads); while it is busy, each read is
+    // posted with a buffer, which saves the extra read call per message.
     void post_recv(Connection& c) override {
-        IoData* io = pool_.acquire();
-        if (io == nullptr) return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
-        io->conn = &c;
-        io->op = Op::Recv;
-        std::memset(&io->overlapped, 0, sizeof(io->overlapped));
-        WSABUF buf;
-        buf.len = static_cast<ULONG>(io->capacity);
-        buf.buf = io->data();
-        DWORD bytes = 0;
-        DWORD flags = 0;
         std::lock_guard<std::mutex> g(backend_.lock_for(c));
         if (c.close_requested.load()) {
-            pool_.release(io);
             ++paths_.failed_at_once;
             return push(Event::Kind::Recv, c, nullptr, -ECANCELED);
         }
-        const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
-        const int rc = ::WSARecv(c.sock, &buf, 1, &bytes, &flags, &io->overlapped, nullptr);
-        finish_post(Event::Kind::Recv, c, *io, skip, rc, bytes);
+        if ((c.backend_flags & kFirstRead) != 0) return wait_without_buffer(c);
+        post_full_read(c);
     }
 
     void post_send(Connection& c, IoData& io) override {
@@ -112,6 +146,7 @@ class IocpPoller final : public Poller {
             ++paths_.failed_at_once;
             return push(Event::Kind::Send, c, &io, -ECANCELED);
         }
+        c.backend_flags &= ~kReadFlags;  // no read is posted now: nothing for a scan to cancel
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
         const int rc = ::WSASend(c.sock, &buf, 1, &bytes, 0, &io.overlapped, nullptr);
         finish_post(Event::Kind::Send, c, io, skip, rc, bytes);
@@ -133,6 +168,29 @@ class IocpPoller final : public Poller {
         if (!::CancelIoEx(reinterpret_cast<HANDLE>(c.sock), nullptr)) {
             const DWORD err = ::GetLastError();
             if (err != ERROR_NOT_FOUND) log_error("CancelIoEx", err);
+        }
+    }
+
+    int buffer_scan_ms() const override { return buffer_scan_ms_; }
+
+    // A read posted with a buffer that was already waiting at the previous scan is cancelled;
+    // its completion (on_read_cancelled) gives the buffer back and waits with a zero-byte read.
+    // Only reads are cancelled: the flags are cleared, under this lock, by every later post.
+    void scan_buffers(Connection& c) override {
+        std::lock_guard<std::mutex> g(backend_.lock_for(c));
+        if (c.sock == kInvalidSocket || c.close_requested.load()) return;
+        uint32_t& flags = c.backend_flags;
+        if ((flags & kFullRead) == 0 || (flags & kReclaiming) != 0) return;
+        if ((flags & kSeenWaiting) == 0) {
+            flags |= kSeenWaiting;
+            return;
+        }
+        flags |= kReclaiming;
+        ++paths_.reclaims_requested;
+        // ERROR_NOT_FOUND: the read has completed meanwhile; its completion is handled as usual.
+        if (!::CancelIoEx(reinterpret_cast<HANDLE>(c.sock), nullptr)) {
+            const DWORD err = ::GetLastError();
+            if (err != ERROR_NOT_FOUND) log_error("CancelIoEx (buffer scan)", err);
         }
     }
 
@@ -158,6 +216,107 @@ class IocpPoller final : public Poller {
     }
 
   private:
+    // Called with the connection's lock held, close not requested.
+    void post_full_read(Connection& c) {
+        IoData* io = pool_.acquire();
+        if (io == nullptr) return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
+        io->conn = &c;
+        io->op = Op::Recv;
+        std::memset(&io->overlapped, 0, sizeof(io->overlapped));
+        WSABUF buf;
+        buf.len = static_cast<ULONG>(io->capacity);
+        buf.buf = io->data();
+        DWORD bytes = 0;
+        DWORD flags = 0;
+        c.backend_flags = (c.backend_flags & ~kReadFlags) | kFullRead;
+        count_buffers(1);
+        const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
+        const int rc = ::WSARecv(c.sock, &buf, 1, &bytes, &flags, &io->overlapped, nullptr);
+        finish_post(Event::Kind::Recv, c, *io, skip, rc, bytes);
+    }
+
+    // Called with the connection's lock held, close not requested: reads what is there already
+    // (data, the peer's end or an error: its Recv event is queued), else posts a zero-byte read,
+    // whose completion (on_zero_read) comes back here. Exactly one Recv event results.
+    void wait_without_buffer(Connection& c) {
+        c.backend_flags &= ~kReadFlags;
+        const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
+        for (int round = 0; round < kZeroReadRounds; ++round) {
+            if (read_now(c)) return;
+            IoData* io = headers_.acquire();
+            if (io == nullptr) return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
+            io->conn = &c;
+            io->op = Op::Recv;
+            std::memset(&io->overlapped, 0, sizeof(io->overlapped));
+            WSABUF buf;
+            buf.len = 0;
+            buf.buf = io->data();
+            DWORD bytes = 0;
+            DWORD flags = 0;
+            ++paths_.zero_reads;
+            const int rc = ::WSARecv(c.sock, &buf, 1, &bytes, &flags, &io->overlapped, nullptr);
+            if (rc == 0 && skip) {  // ready at once, and no packet follows: read it now
+                ++paths_.inline_success;
+                headers_.release(io);
+                continue;
+            }
+            // Pending or a packet anyway: on_zero_read. Failed at once: the error, queued.
+            return finish_post(Event::Kind::Recv, c, *io, skip, rc, bytes);
+        }
+        post_full_read(c);  // said ready but nothing to read, again and again: wait with a buffer
+    }
+
+    // One non-blocking read into a fresh buffer. True when a Recv event was queued (bytes, the
+    // end, or an error), false when there was nothing to read (WSAEWOULDBLOCK).
+    bool read_now(Connection& c) {
+        IoData* io = pool_.acquire();
+        if (io == nullptr) {
+            push(Event::Kind::Recv, c, nullptr, -ENOMEM);
+            return true;
+        }
+        io->conn = &c;
+        io->op = Op::Recv;
+        WSABUF buf;
+        buf.len = static_cast<ULONG>(io->capacity);
+        buf.buf = io->data();
+        DWORD bytes = 0;
+        DWORD flags = 0;
+        if (::WSARecv(c.sock, &buf, 1, &bytes, &flags, nullptr, nullptr) == 0) {
+            ++paths_.reads_now;
+            push(Event::Kind::Recv, c, io, static_cast<int64_t>(bytes));
+            return true;
+        }
+        const int err = ::WSAGetLastError();
+        pool_.release(io);
+        if (err == WSAEWOULDBLOCK) return false;
+        push(Event::Kind::Recv, c, nullptr, -errno_from_native(err));
+        return true;
+    }
+
+    // A zero-byte read's packet: the connection has something to read (or an error).
+    void on_zero_read(Connection& c, IoData& io, int64_t result) {
+        headers_.release(&io);
+        if (result < 0) return push(Event::Kind::Recv, c, nullptr, result);
+        std::lock_guard<std::mutex> g(backend_.lock_for(c));
+        if (c.close_requested.load()) return push(Event::Kind::Recv, c, nullptr, -ECANCELED);
+        wait_without_buffer(c);
+    }
+
+    // A read with a buffer ended with ERROR_OPERATION_ABORTED. When scan_buffers cancelled it
+    // (and nobody asked to close), it gives its buffer back and the wait goes on without one;
+    // returns false otherwise (a close's cancellation: the error goes to the core).
+    bool on_read_cancelled(Connection& c, IoData& io) {
+        std::lock_guard<std::mutex> g(backend_.lock_for(c));
+        if ((c.backend_flags & kReclaiming) == 0 || c.close_requested.load() ||
+            c.sock == kInvalidSocket) {
+            return false;
+        }
+        ++paths_.buffers_reclaimed;
+        pool_.release(&io);
+        wait_without_buffer(c);
+        return true;
+    }
+
     // Called with the connection's lock held, right after WSARecv/WSASend returned `rc`.
     void finish_post(Event::Kind kind, Connection& c, IoData& io, bool skip, int rc, DWORD bytes) {
         if (rc == 0) {
@@ -166,6 +325,7 @@ class IocpPoller final : public Poller {
                 return;  // without skip mode the packet is on its way
             }
             ++paths_.inline_success;
+            if (kind == Event::Kind::Recv) count_buffers(-1);
             return push(kind, c, &io, static_cast<int64_t>(bytes));
         }
         const int err = ::WSAGetLastError();
@@ -176,7 +336,8 @@ class IocpPoller final : public Poller {
         // Failed at once: no packet will ever come for this IoData.
         ++paths_.failed_at_once;
         if (kind == Event::Kind::Recv) {
-            pool_.release(&io);
+            if (io.capacity > 0) count_buffers(-1);
+            release(&io);
             return push(kind, c, nullptr, -errno_from_native(err));
         }
         push(kind, c, &io, -errno_from_native(err));
@@ -208,10 +369,29 @@ class IocpPoller final : public Poller {
         // With bWait FALSE the handle is not used; the status is read from the OVERLAPPED.
         const BOOL ok =
             ::GetOverlappedResult(reinterpret_cast<HANDLE>(c.sock), &io.overlapped, &bytes, FALSE);
-        const int64_t result =
-            ok ? static_cast<int64_t>(bytes)
-               : -static_cast<int64_t>(errno_from_native(static_cast<int>(::GetLastError())));
+        const DWORD err = ok ? 0 : ::GetLastError();
+        const int64_t result = ok ? static_cast<int64_t>(bytes)
+                                  : -static_cast<int64_t>(errno_from_native(static_cast<int>(err)));
+        if (io.op == Op::Recv) {
+            if (io.capacity == 0) return on_zero_read(c, io, result);
+            count_buffers(-1);
+            if (err == ERROR_OPERATION_ABORTED && on_read_cancelled(c, io)) return;
+        }
         push(io.op == Op::Recv ? Event::Kind::Recv : Event::Kind::Send, c, &io, result);
+    }
+
+    // Reads posted with a buffer and not yet complete, summed over the workers (each worker adds
+    // the ones it posted and subtracts the ones it completed): ServerStats::recv_buffers.
+    void count_buffers(int64_t n) {
+        if (stats_ != nullptr) WorkerStats::add(stats_->recv_buffers, n);
+    }
+
+    // Zero-byte reads take their IoData (no buffer) from the header pool.
+    void release(IoData* io) {
+        if (io->capacity == 0)
+            headers_.release(io);
+        else
+            pool_.release(io);
     }
 
     // stop() posts one wake-up per worker, but any worker may dequeue any of them. A worker
@@ -249,7 +429,10 @@ class IocpPoller final : public Poller {
 
     IocpBackend& backend_;
     IoDataPool& pool_;
+    IoDataPool& headers_;  // IoData without a buffer: zero-byte reads
     const int index_;
+    const int buffer_scan_ms_;
+    WorkerStats* const stats_;
     bool accepts_started_ = false;
     bool woken_ = false;
     bool draining_ = false;

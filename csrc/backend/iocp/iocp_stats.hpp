@@ -19,6 +19,10 @@ struct CompletionPaths {
     int64_t accept_resets = 0;        // of those, failed because the peer reset first
     int64_t accept_pauses = 0;        // accepts parked for a pause (could not be posted)
     int64_t wakeups_forwarded = 0;    // stop() wake-ups passed on to another worker
+    int64_t zero_reads = 0;           // zero-byte reads posted (a wait without a buffer)
+    int64_t reads_now = 0;            // non-blocking reads that found bytes or the end
+    int64_t reclaims_requested = 0;   // reads a buffer scan cancelled to take the buffer back
+    int64_t buffers_reclaimed = 0;    // of those, cancelled in time (the others had completed)
 };
 
 CompletionPaths completion_paths();

@@ -49,8 +49,9 @@ struct ServerStats {
     int64_t pool_in_use = 0;     // IoData handed out and not yet returned
     int64_t pool_allocated = 0;  // IoData blocks allocated (in use + cached free)
     int64_t handler_errors = 0;
-    // Receive buffers registered with the kernel (io_uring's provided buffer rings; 0 on the
-    // other backends and after stop()). Grows with the number of busy connections.
+    // Receive buffers handed to the kernel: io_uring's provided buffer rings (grow with the number
+    // of busy connections), IOCP's reads posted with a buffer (waiting connections use zero-byte
+    // reads); 0 on epoll and after stop().
     int64_t recv_buffers = 0;
 };
 
