@@ -99,9 +99,10 @@ class Poller {
     // backend that needs it returns a period here; the worker that scans the connection table
     // (every worker its own; worker 0 a shared one) then calls scan_buffers(conn) for each
     // connection that often, on its own thread, holding the table lock (conn stays alive). The
-    // backend takes back the buffers of reads that have waited since the previous scan. Not
-    // called while draining.
+    // backend takes back the buffers of reads that have waited since the previous scan. Each scan
+    // starts with begin_buffer_scan(). Not called while draining.
     virtual int buffer_scan_ms() const { return 0; }
+    virtual void begin_buffer_scan() {}
     virtual void scan_buffers(Connection& conn) { (void)conn; }
 };
 

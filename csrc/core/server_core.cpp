@@ -229,6 +229,9 @@ ServerStats ServerCore::stats() const {
         s.pool_in_use += p->in_use();
         s.pool_allocated += p->allocated();
     }
+    // IOCP: the worker that posts a read counts its buffer and the one that completes it
+    // uncounts it; read one after the other, the workers' counts may briefly sum below 0.
+    s.recv_buffers = std::max<int64_t>(s.recv_buffers, 0);
     s.active_connections = active_.load(std::memory_order_relaxed);
     return s;
 }

@@ -381,6 +381,7 @@ void Worker::scan_idle() {
 // checks under its own lock.
 void Worker::scan_buffers() {
     next_buffer_scan_ms_ = now_ms_ + buffer_scan_ms_;
+    poller_->begin_buffer_scan();
     table_.for_each([&](Connection* c) { poller_->scan_buffers(*c); });
 }
 

@@ -23,6 +23,7 @@
 #include <cstddef>
 #include <cstdlib>
 #include <cstring>
+#include <stdexcept>
 #include <type_traits>
 
 #include "../../core/net.hpp"
@@ -47,14 +48,33 @@ constexpr uint32_t kFullRead = 1u << 2;     // the last post was a read with a b
 constexpr uint32_t kSeenWaiting = 1u << 3;  // a buffer scan found that read still posted
 constexpr uint32_t kReclaiming = 1u << 4;   // a later scan cancelled it to take its buffer
 constexpr uint32_t kReadFlags = kFirstRead | kFullRead | kSeenWaiting | kReclaiming;
+// Zero-byte reads in a row that said "readable" with nothing to read (two bits; cleared by a read
+// posted with a buffer and by a send, i.e. once the connection has had data).
+constexpr int kEmptyShift = 5;
+constexpr uint32_t kEmptyMask = 3u << kEmptyShift;
 
 // Reads with a buffer that wait through two buffer scans (longer than this, at most twice it)
 // give their buffer back and wait with a zero-byte read instead. IOCPNATIVE_IOCP_BUFFER_SCAN_MS
 // overrides it (the tests shorten it; 0 keeps buffers posted however long a read waits).
 constexpr int kBufferScanMs = 500;
-// A zero-byte read that completes at once with nothing to read after all is posted again; after
-// this many such rounds the read is posted with a buffer instead (it then simply waits).
-constexpr int kZeroReadRounds = 4;
+// A zero-byte read that completes with nothing to read after all (inline or as a packet) is
+// posted again; after this many in a row the read is posted with a buffer instead (it then simply
+// waits). Windows and wine complete a zero-byte read only for data, the end or an error; a
+// layered provider might not, and must not make a worker spin.
+constexpr uint32_t kEmptyZeroReads = 3;
+// At most this many reads cancelled per scan (CancelIoEx runs under the table lock, which
+// accepts and closes on every worker wait for): thousands of connections falling silent at once
+// give their buffers back over a few scans.
+constexpr int kScanCancels = 1024;
+
+// Zero-byte reads are told apart by their IoData's capacity 0: they must come from a pool of
+// header-only blocks. The core gives one to every backend with a shared queue.
+IoDataPool& header_pool_of(const PollerContext& ctx) {
+    if (ctx.header_pool == nullptr || ctx.header_pool->buffer_size() != 0) {
+        throw std::logic_error("the IOCP backend needs a header-only IoData pool");
+    }
+    return *ctx.header_pool;
+}
 
 int buffer_scan_ms_from_env() {
     const char* env = std::getenv("IOCPNATIVE_IOCP_BUFFER_SCAN_MS");
@@ -70,7 +90,7 @@ class IocpPoller final : public Poller {
     IocpPoller(IocpBackend& backend, const PollerContext& ctx)
         : backend_(backend),
           pool_(*ctx.pool),
-          headers_(ctx.header_pool != nullptr ? *ctx.header_pool : *ctx.pool),
+          headers_(header_pool_of(ctx)),
           index_(ctx.index),
           buffer_scan_ms_(buffer_scan_ms_from_env()),
           stats_(ctx.stats) {}
@@ -131,7 +151,7 @@ class IocpPoller final : public Poller {
             ++paths_.failed_at_once;
             return push(Event::Kind::Recv, c, nullptr, -ECANCELED);
         }
-        if ((c.backend_flags & kFirstRead) != 0) return wait_without_buffer(c);
+        if ((c.backend_flags & kFirstRead) != 0) return wait_without_buffer(c, false);
         post_full_read(c);
     }
 
@@ -146,7 +166,8 @@ class IocpPoller final : public Poller {
             ++paths_.failed_at_once;
             return push(Event::Kind::Send, c, &io, -ECANCELED);
         }
-        c.backend_flags &= ~kReadFlags;  // no read is posted now: nothing for a scan to cancel
+        // No read is posted now (nothing for a scan to cancel), and the connection had data.
+        c.backend_flags &= ~(kReadFlags | kEmptyMask);
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
         const int rc = ::WSASend(c.sock, &buf, 1, &bytes, 0, &io.overlapped, nullptr);
         finish_post(Event::Kind::Send, c, io, skip, rc, bytes);
@@ -176,7 +197,10 @@ class IocpPoller final : public Poller {
     // A read posted with a buffer that was already waiting at the previous scan is cancelled;
     // its completion (on_read_cancelled) gives the buffer back and waits with a zero-byte read.
     // Only reads are cancelled: the flags are cleared, under this lock, by every later post.
+    void begin_buffer_scan() override { scan_cancels_left_ = kScanCancels; }
+
     void scan_buffers(Connection& c) override {
+        if (scan_cancels_left_ <= 0) return;
         std::lock_guard<std::mutex> g(backend_.lock_for(c));
         if (c.sock == kInvalidSocket || c.close_requested.load()) return;
         uint32_t& flags = c.backend_flags;
@@ -186,9 +210,12 @@ class IocpPoller final : public Poller {
             return;
         }
         flags |= kReclaiming;
-        ++paths_.reclaims_requested;
-        // ERROR_NOT_FOUND: the read has completed meanwhile; its completion is handled as usual.
-        if (!::CancelIoEx(reinterpret_cast<HANDLE>(c.sock), nullptr)) {
+        --scan_cancels_left_;
+        // ERROR_NOT_FOUND: the read has completed meanwhile (its completion may still be queued,
+        // or a handler still busy with it); it is handled as usual.
+        if (::CancelIoEx(reinterpret_cast<HANDLE>(c.sock), nullptr)) {
+            ++paths_.reclaims_requested;
+        } else {
             const DWORD err = ::GetLastError();
             if (err != ERROR_NOT_FOUND) log_error("CancelIoEx (buffer scan)", err);
         }
@@ -228,7 +255,7 @@ class IocpPoller final : public Poller {
         buf.buf = io->data();
         DWORD bytes = 0;
         DWORD flags = 0;
-        c.backend_flags = (c.backend_flags & ~kReadFlags) | kFullRead;
+        c.backend_flags = (c.backend_flags & ~(kReadFlags | kEmptyMask)) | kFullRead;
         count_buffers(1);
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
         const int rc = ::WSARecv(c.sock, &buf, 1, &bytes, &flags, &io->overlapped, nullptr);
@@ -238,11 +265,18 @@ class IocpPoller final : public Poller {
     // Called with the connection's lock held, close not requested: reads what is there already
     // (data, the peer's end or an error: its Recv event is queued), else posts a zero-byte read,
     // whose completion (on_zero_read) comes back here. Exactly one Recv event results.
-    void wait_without_buffer(Connection& c) {
+    // `said_ready`: a zero-byte read has just completed (so there should be something to read).
+    void wait_without_buffer(Connection& c, bool said_ready) {
         c.backend_flags &= ~kReadFlags;
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
-        for (int round = 0; round < kZeroReadRounds; ++round) {
+        for (;;) {
             if (read_now(c)) return;
+            if (said_ready) {
+                const uint32_t empty = ((c.backend_flags & kEmptyMask) >> kEmptyShift) + 1;
+                // Readable, again and again, with nothing to read: wait with a buffer.
+                if (empty >= kEmptyZeroReads) return post_full_read(c);
+                c.backend_flags = (c.backend_flags & ~kEmptyMask) | (empty << kEmptyShift);
+            }
             IoData* io = headers_.acquire();
             if (io == nullptr) return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
             io->conn = &c;
@@ -258,12 +292,12 @@ class IocpPoller final : public Poller {
             if (rc == 0 && skip) {  // ready at once, and no packet follows: read it now
                 ++paths_.inline_success;
                 headers_.release(io);
+                said_ready = true;
                 continue;
             }
             // Pending or a packet anyway: on_zero_read. Failed at once: the error, queued.
             return finish_post(Event::Kind::Recv, c, *io, skip, rc, bytes);
         }
-        post_full_read(c);  // said ready but nothing to read, again and again: wait with a buffer
     }
 
     // One non-blocking read into a fresh buffer. True when a Recv event was queued (bytes, the
@@ -299,7 +333,7 @@ class IocpPoller final : public Poller {
         if (result < 0) return push(Event::Kind::Recv, c, nullptr, result);
         std::lock_guard<std::mutex> g(backend_.lock_for(c));
         if (c.close_requested.load()) return push(Event::Kind::Recv, c, nullptr, -ECANCELED);
-        wait_without_buffer(c);
+        wait_without_buffer(c, true);
     }
 
     // A read with a buffer ended with ERROR_OPERATION_ABORTED. When scan_buffers cancelled it
@@ -313,7 +347,7 @@ class IocpPoller final : public Poller {
         }
         ++paths_.buffers_reclaimed;
         pool_.release(&io);
-        wait_without_buffer(c);
+        wait_without_buffer(c, false);
         return true;
     }
 
@@ -369,9 +403,14 @@ class IocpPoller final : public Poller {
         // With bWait FALSE the handle is not used; the status is read from the OVERLAPPED.
         const BOOL ok =
             ::GetOverlappedResult(reinterpret_cast<HANDLE>(c.sock), &io.overlapped, &bytes, FALSE);
-        const DWORD err = ok ? 0 : ::GetLastError();
-        const int64_t result = ok ? static_cast<int64_t>(bytes)
-                                  : -static_cast<int64_t>(errno_from_native(static_cast<int>(err)));
+        DWORD err = ok ? 0 : ::GetLastError();
+        // A cancelled read that did receive bytes (not seen with Windows' own TCP provider, whose
+        // reads complete whole or not at all) delivers them: dropping them would corrupt the
+        // stream without an error.
+        if (err == ERROR_OPERATION_ABORTED && io.op == Op::Recv && bytes > 0) err = 0;
+        const int64_t result =
+            err == 0 ? static_cast<int64_t>(bytes)
+                     : -static_cast<int64_t>(errno_from_native(static_cast<int>(err)));
         if (io.op == Op::Recv) {
             if (io.capacity == 0) return on_zero_read(c, io, result);
             count_buffers(-1);
@@ -433,6 +472,7 @@ class IocpPoller final : public Poller {
     const int index_;
     const int buffer_scan_ms_;
     WorkerStats* const stats_;
+    int scan_cancels_left_ = 0;  // of the current buffer scan (kScanCancels)
     bool accepts_started_ = false;
     bool woken_ = false;
     bool draining_ = false;
