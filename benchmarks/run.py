@@ -80,7 +80,11 @@ def run_peers(name: str, args: list[str], results: Path, servers: dict[str, str]
     return out
 
 
-def run_all(quick: bool, results: Path, over: dict, extra: list[str]) -> None:
+def run_all(
+    quick: bool, results: Path, over: dict, extra: list[str], only: set[str] | None = None
+) -> None:
+    """Runs every scenario, or with `only` the named ones (result keys such as a_50x512; the
+    others keep their earlier results in `results`)."""
     p = {**(QUICK if quick else FULL), **over}
     results.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -98,7 +102,10 @@ def run_all(quick: bool, results: Path, over: dict, extra: list[str]) -> None:
     nobatch = {"iocpnative_nobatch": ours["iocpnative"] + " --batch-wait-us 0"}
     for key, a in scen:
         servers = {**ours, **nobatch} if "--rate" in a else ours
-        run_peers(key, [*a, *common, *rounds], results, servers, extra)
+        if only is None or key in only:
+            run_peers(key, [*a, *common, *rounds], results, servers, extra)
+    if only is not None:
+        return
     run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results, ours,
               extra)  # fmt: skip
     if not quick and p["idle"] != IDLE_SMALL:
@@ -300,6 +307,8 @@ def targets(f: dict, idle_n: int, idle_small: float | None = None) -> str:
     return table(["scenario", "figure", "target", "measured (iocpnative, auto backend)", ""], rows)
 
 
+STEAL_PCT = 10  # a run with more steal than this is reported as disturbed
+
 NOBATCH_NOTE = (
     "Batched waits trade latency for CPU: the default `iocpnative` row waits up to 200 µs for a "
     "batch of io_uring completions (one per 4 receives posted, at most 16, or what the window "
@@ -322,6 +331,15 @@ def render(results: Path, out: Path, quick: bool, command: str, report_only: boo
     busy_note = (f"\n**Busy machine**: in {busy} of {len(runs)} runs other processes used more "
                  "than 5% of a core (peers.py's interference check); those figures are disturbed."
                  "\n" if busy else "")  # fmt: skip
+    stolen = [r for r in runs if (r.get("steal_pct") or 0) > STEAL_PCT]
+    if stolen:
+        names = ", ".join(sorted({r["server"] for r in stolen}))
+        busy_note += (
+            f"\n**Stolen CPU**: in {len(stolen)} of {len(runs)} runs the hypervisor took more than "
+            f"{STEAL_PCT}% of the machine's CPU time (steal, /proc/stat) from a virtual CPU that "
+            f"wanted to run ({names}); the servers and the client of those runs had less CPU than "
+            "the others, and a median over rounds or a paired ratio moves with them.\n"
+        )
     sections = [
         ("a", "a_50x512", "Saturated: 50 connections × 512 B", saturated_table),
         ("b", "b_rate30000_50x512", "Fixed rate 30,000 round trips/s: 50 × 512 B (server CPU "
@@ -418,6 +436,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, help="interleaved rounds per scenario (full run: 3)")
     ap.add_argument("--duration", type=float, help="seconds measured per run (full run: 5)")
     ap.add_argument(
+        "--only-scenarios",
+        metavar="KEYS",
+        help="comma list of the main scenarios to run again (a_50x512, b_rate30000_50x512, "
+        "c_1000x128, d_rate20000_1000x128, e_10x65536); the rest is rendered from --results",
+    )
+    ap.add_argument(
         "--peers-arg",
         action="append",
         default=[],
@@ -435,7 +459,8 @@ def main() -> int:
         os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(home) / "pycache"))
         if not PEERS.exists():
             raise SystemExit(f"{PEERS} not found: ../shared/bench is needed")
-        run_all(args.quick, results, over, args.peers_arg)
+        only = set(args.only_scenarios.split(",")) if args.only_scenarios else None
+        run_all(args.quick, results, over, args.peers_arg, only)
     shown = sys.argv[1:]
     command = "nox -s bench" + (" -- " + shlex.join(shown) if shown else "")
     render(results, Path(args.out), args.quick, command, args.report_only)
