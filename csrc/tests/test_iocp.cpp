@@ -84,6 +84,16 @@ void set_buffer_scan_ms(const char* ms) {
     ASSERT_EQ(_putenv_s("IOCPNATIVE_IOCP_BUFFER_SCAN_MS", ms), 0);
 }
 
+// Stops the server, checks that its pool was freed, and returns the completion paths counted
+// since `before` (the pollers add their counts when stop() destroys them) after printing them.
+CompletionPaths stop_and_count(Server& srv, const CompletionPaths& before, double timeout = 10.0) {
+    srv.stop(timeout);
+    expect_pool_freed(srv);
+    const CompletionPaths d = delta(before, iocp::completion_paths());
+    print(d);
+    return d;
+}
+
 bool wait_for(const std::function<bool()>& done, int timeout_ms) {
     for (int waited = 0; !done(); waited += 10) {
         if (waited >= timeout_ms) return false;
@@ -116,12 +126,9 @@ CompletionPaths run_echo_traffic() {
     }
     for (auto& th : threads) th.join();
     ASSERT_EQ(ok.load(), 4 * 30);
-    srv.stop(10.0);
-    expect_pool_freed(srv);
+    const CompletionPaths d = stop_and_count(srv, before);
     const ServerStats st = srv.stats();
     ASSERT_EQ(st.bytes_received, st.bytes_sent);
-    const CompletionPaths d = delta(before, iocp::completion_paths());
-    print(d);
     // Exactly one completion per operation: the port delivered a packet for each pending one
     // and for each immediate success without skip mode, and for nothing else.
     ASSERT_EQ(d.packets, d.pending + d.success_with_packet);
@@ -181,10 +188,7 @@ TEST_CASE(accepts_survive_peers_that_reset) {
         cli.request("after!", 6, back);
         ASSERT_TRUE(std::memcmp(back, "after!", 6) == 0);
     }
-    srv.stop(10.0);
-    expect_pool_freed(srv);
-    const CompletionPaths d = delta(before, iocp::completion_paths());
-    print(d);
+    const CompletionPaths d = stop_and_count(srv, before);
     // 200 resets + 5 clients, plus the cancelled ones. How many resets beat their accept
     // depends on timing (printed above: nearly all under wine); each was re-posted, never fatal.
     ASSERT_GE(d.accepts_completed, 205);
@@ -477,10 +481,7 @@ TEST_CASE(accepts_resume_after_sockets_ran_out) {
     ASSERT_EQ(iocp::parked_accepts(), 0);
     for (socket_t s : run_out.peers()) ::shutdown(s, SD_SEND);
     ASSERT_EQ(wait_for_no_connections(srv), accepts);
-    srv.stop(10.0);
-    expect_pool_freed(srv);
-    const CompletionPaths d = delta(before, iocp::completion_paths());
-    print(d);
+    const CompletionPaths d = stop_and_count(srv, before);
     ASSERT_GT(d.accept_pauses, 0);
     // A failed accept waits out its pause instead of being posted again at once: wine fails
     // each AcceptEx at once while no descriptor is free, and re-posting at once made over a
@@ -566,12 +567,8 @@ TEST_CASE(waiting_connections_hold_no_buffer) {
         // Every connection now waits with a buffer again, until two scans have seen it wait.
         ASSERT_TRUE(wait_for([&] { return srv.stats().recv_buffers == 0; }, 10000));
     }
-    srv.stop(10.0);
-    expect_pool_freed(srv);
+    const CompletionPaths d = stop_and_count(srv, before);
     ASSERT_EQ(srv.stats().recv_buffers, 0);
-    // The pollers add their counts when they are destroyed, at the end of stop().
-    const CompletionPaths d = delta(before, iocp::completion_paths());
-    print(d);
     ASSERT_GE(d.zero_reads, 2 * kClients);         // the first wait of each, and one per reclaim
     ASSERT_GE(d.reads_now, 2 * kClients);          // the two requests of each came in after one
     ASSERT_EQ(d.buffers_reclaimed, 2 * kClients);  // nobody sent while a read was cancelled
@@ -609,13 +606,10 @@ TEST_CASE(buffer_scans_racing_requests_lose_nothing) {
         }
         for (auto& th : threads) th.join();
         ASSERT_EQ(ok.load(), 4 * 150);
-        srv.stop(10.0);
-        expect_pool_freed(srv);
+        const CompletionPaths d = stop_and_count(srv, before);
         const ServerStats st = srv.stats();
         ASSERT_EQ(st.bytes_received, st.bytes_sent);
         ASSERT_EQ(st.recv_buffers, 0);
-        const CompletionPaths d = delta(before, iocp::completion_paths());
-        print(d);
         ASSERT_EQ(d.packets, d.pending + d.success_with_packet);
         ASSERT_GT(d.buffers_reclaimed, 0);
     }

@@ -247,19 +247,24 @@ class IocpPoller final : public Poller {
     void post_full_read(Connection& c) {
         IoData* io = pool_.acquire();
         if (io == nullptr) return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
-        io->conn = &c;
-        io->op = Op::Recv;
-        std::memset(&io->overlapped, 0, sizeof(io->overlapped));
-        WSABUF buf;
-        buf.len = static_cast<ULONG>(io->capacity);
-        buf.buf = io->data();
-        DWORD bytes = 0;
-        DWORD flags = 0;
         c.backend_flags = (c.backend_flags & ~(kReadFlags | kEmptyMask)) | kFullRead;
         count_buffers(1);
         const bool skip = (c.backend_flags & kSkipOnSuccess) != 0;
-        const int rc = ::WSARecv(c.sock, &buf, 1, &bytes, &flags, &io->overlapped, nullptr);
+        DWORD bytes = 0;
+        const int rc = overlapped_read(c, *io, io->capacity, &bytes);
         finish_post(Event::Kind::Recv, c, *io, skip, rc, bytes);
+    }
+
+    // Issues an overlapped WSARecv of `len` bytes (0: a zero-byte read) into io's buffer.
+    int overlapped_read(Connection& c, IoData& io, uint32_t len, DWORD* bytes) {
+        io.conn = &c;
+        io.op = Op::Recv;
+        std::memset(&io.overlapped, 0, sizeof(io.overlapped));
+        WSABUF buf;
+        buf.len = static_cast<ULONG>(len);
+        buf.buf = io.data();
+        DWORD flags = 0;
+        return ::WSARecv(c.sock, &buf, 1, bytes, &flags, &io.overlapped, nullptr);
     }
 
     // Called with the connection's lock held, close not requested: reads what is there already
@@ -279,16 +284,9 @@ class IocpPoller final : public Poller {
             }
             IoData* io = headers_.acquire();
             if (io == nullptr) return push(Event::Kind::Recv, c, nullptr, -ENOMEM);
-            io->conn = &c;
-            io->op = Op::Recv;
-            std::memset(&io->overlapped, 0, sizeof(io->overlapped));
-            WSABUF buf;
-            buf.len = 0;
-            buf.buf = io->data();
-            DWORD bytes = 0;
-            DWORD flags = 0;
             ++paths_.zero_reads;
-            const int rc = ::WSARecv(c.sock, &buf, 1, &bytes, &flags, &io->overlapped, nullptr);
+            DWORD bytes = 0;
+            const int rc = overlapped_read(c, *io, 0, &bytes);
             if (rc == 0 && skip) {  // ready at once, and no packet follows: read it now
                 ++paths_.inline_success;
                 headers_.release(io);
