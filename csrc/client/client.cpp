@@ -97,7 +97,12 @@ bool wait_connected(socket_t s, int64_t deadline_ms, double timeout_s) {
 
 }  // namespace
 
-Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeout_s_(timeout_s) {
+Client::Client(const std::string& host, uint16_t port, double timeout_s, int recv_buffer_bytes)
+    : timeout_s_(timeout_s) {
+    if (recv_buffer_bytes < 0) {
+        throw std::invalid_argument("recv_buffer_bytes must be >= 0, got " +
+                                    std::to_string(recv_buffer_bytes));
+    }
     net::ensure_initialized();
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
@@ -121,6 +126,13 @@ Client::Client(const std::string& host, uint16_t port, double timeout_s) : timeo
         }
         net::set_nonblocking(s, true);
         net::set_nodelay(s);
+        if (recv_buffer_bytes > 0 && ::setsockopt(s, SOL_SOCKET, SO_RCVBUF,
+                                                  reinterpret_cast<const char*>(&recv_buffer_bytes),
+                                                  sizeof(recv_buffer_bytes)) != 0) {
+            err = last_socket_error();
+            net::close_socket(s);
+            continue;
+        }
         if (::connect(s, ai->ai_addr, static_cast<socklen_t>(ai->ai_addrlen)) != 0) {
             err = last_socket_error();
             if (!would_block(err)) {

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdio>
 #include <future>
+#include <stdexcept>
 #include <vector>
 
 #include "core/net.hpp"
@@ -100,3 +101,23 @@ TEST_CASE(connect_without_answer_times_out) {
 }
 
 TEST_MAIN()
+
+// recv_buffer_bytes: negative is refused before anything is opened; a small fixed buffer still
+// connects (its effect, a server whose sends wait, is what test_stress relies on).
+TEST_CASE(recv_buffer_bytes_is_checked) {
+    net::Listener l = net::listen_tcp("127.0.0.1", 0, 4);
+    bool refused = false;
+    try {
+        Client cli("127.0.0.1", l.port, 5.0, -1);
+    } catch (const std::invalid_argument& e) {
+        std::printf("  %s\n", e.what());
+        refused = true;
+    }
+    ASSERT_TRUE(refused);
+    {
+        Client cli("127.0.0.1", l.port, 5.0, 4096);
+        ASSERT_TRUE(!cli.closed());
+    }
+    net::close_socket(l.sock);
+    return 0;
+}

@@ -3,10 +3,10 @@
 // too). Once per backend available here.
 //
 // Every client first proves its connection works (a byte-exact echo), then leaves the server
-// with work in flight: a third send far more than the socket buffers hold and never read (the
-// server's sends wait for space, its reads pause), the rest send a small message and never read
-// the echo. stop() must then cancel and drain all of it: every IoData back in the pool, the pool
-// freed, no connection left, and every client sees its connection end.
+// with work in flight: a third, with small fixed receive buffers, send far more than the socket
+// buffers hold and never read (the server's sends wait for space, its reads pause), the rest send a
+// small message and never read the echo. stop() must then cancel and drain all of it: every IoData
+// back in the pool, the pool freed, no connection left, and every client sees its connection end.
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -32,12 +32,27 @@ using testutil::random_bytes;
 namespace {
 
 constexpr int kClients = 300;
-constexpr size_t kFloodBytes = size_t{4} << 20;  // more than loopback's socket buffers hold
+constexpr int kFlooders = kClients / 3;  // every third client
+constexpr size_t kFloodBytes = size_t{4} << 20;
+// A flooder's receive buffer: fixed and small, so the server's echo of the flood cannot all fit
+// on the way to it (autotuned, loopback's can grow to tcp_rmem's maximum, 32 MiB on some hosts).
+constexpr int kFlooderRecvBuffer = 16384;
 
 // Waits until the server has read at least `bytes` (its counters are updated by the workers).
 bool wait_received(const Server& srv, int64_t bytes, double seconds) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
     while (srv.stats().bytes_received < bytes) {
+        if (std::chrono::steady_clock::now() > deadline) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
+}
+
+// Waits until the server holds at least `n` IoData (sends waiting for the flooders to read);
+// `seen` is the stats() that showed them.
+bool wait_in_use(const Server& srv, int64_t n, double seconds, ServerStats& seen) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while ((seen = srv.stats()).pool_in_use < n) {
         if (std::chrono::steady_clock::now() > deadline) return false;
         std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
@@ -73,7 +88,8 @@ void run_backend(const std::string& backend) {
     std::mt19937 rng(42);
     int64_t sent = 0;
     for (int i = 0; i < kClients; ++i) {
-        clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 20.0));
+        const int rcvbuf = i % 3 == 0 ? kFlooderRecvBuffer : 0;
+        clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 20.0, rcvbuf));
         const std::string msg = random_bytes(1 + rng() % 20000, static_cast<unsigned>(i));
         std::string back(msg.size(), '\0');
         clients.back()->request(msg.data(), msg.size(), &back[0]);
@@ -99,15 +115,16 @@ void run_backend(const std::string& backend) {
             sent += static_cast<int64_t>(small.size());
         }
     }
-    // The small messages have reached the server; the floods are stuck mid-way.
+    // The small messages have reached the server; the floods are stuck mid-way: each flooder's
+    // echo waits in a send for room the flooder never makes.
     ASSERT_TRUE(wait_received(srv, sent, 60.0));
-    const ServerStats during = srv.stats();
+    const auto t0 = std::chrono::steady_clock::now();
+    ServerStats during;
+    ASSERT_TRUE(wait_in_use(srv, kFlooders, 60.0, during));
     ASSERT_EQ(during.active_connections, kClients);
-    // Usually the floods hold sends in flight here; not asserted: where loopback's receive buffers
-    // autotune large (tcp_rmem up to 32 MiB on the AMD VM of 2026-11-28) a slow (ASan) server's
-    // share of a 50 ms flood can fit whole, and the case then stops with less in flight.
-    std::printf("  %s: %lld IoData in use at stop\n", backend.c_str(),
-                static_cast<long long>(during.pool_in_use));
+    std::printf("  %s: %lld IoData in use at stop (after %.2f s)\n", backend.c_str(),
+                static_cast<long long>(during.pool_in_use),
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     // At most one operation per connection, plus the listener's own: the IOCP backend keeps
     // up to 64 AcceptEx posted, each owning an IoData (epoll and io_uring hold none).
     ASSERT_LE(during.pool_in_use, kClients + 64);

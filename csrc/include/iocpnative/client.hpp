@@ -12,8 +12,12 @@ namespace iocpnative {
 class Client {
   public:
     // Connects (IPv4 or IPv6, numeric or by name). timeout_s <= 0 means no limit.
-    // Throws SystemError (ECONNREFUSED, ...), TimeoutError, std::invalid_argument (bad host).
-    Client(const std::string& host, uint16_t port, double timeout_s);
+    // recv_buffer_bytes > 0 sets SO_RCVBUF before connecting (a fixed receive window: the kernel
+    // no longer autotunes it; Linux doubles the value and clamps it to net.core.rmem_max);
+    // 0 keeps the system's default.
+    // Throws SystemError (ECONNREFUSED, ...), TimeoutError, std::invalid_argument (bad host,
+    // negative recv_buffer_bytes).
+    Client(const std::string& host, uint16_t port, double timeout_s, int recv_buffer_bytes = 0);
     ~Client();
     Client(const Client&) = delete;
     Client& operator=(const Client&) = delete;
