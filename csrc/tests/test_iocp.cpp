@@ -102,36 +102,53 @@ bool wait_for(const std::function<bool()>& done, int timeout_ms) {
     return true;
 }
 
-// Echo traffic that makes the OS complete some operations at once (data already buffered when
-// the recv is posted, socket space free when the send is) and leaves others pending.
-CompletionPaths run_echo_traffic() {
+// Four clients on threads, each sending `rounds` requests (message msg(t, i), then pause(t, i))
+// and checking every echo; then stop() and the checks every echo run shares: each echo whole,
+// as many bytes sent as received, and exactly one completion per operation (the port delivered a
+// packet for each pending one and for each immediate success without skip mode, and for nothing
+// else). Returns what the completion paths counted.
+CompletionPaths echo_from_four_clients(Server& srv, int rounds,
+                                       const std::function<std::string(int, int)>& msg,
+                                       const std::function<void(int, int)>& pause) {
     const CompletionPaths before = iocp::completion_paths();
-    ServerConfig cfg = iocp_config(3);
-    cfg.buffer_size = 512;
-    Server srv(cfg);
     srv.start();
     std::vector<std::thread> threads;
     std::atomic<int> ok{0};
     for (int t = 0; t < 4; ++t) {
         threads.emplace_back([&, t] {
             Client cli("127.0.0.1", srv.port(), 20.0);
-            std::string msg(5000 + 1000 * t, 'a');
-            for (size_t i = 0; i < msg.size(); ++i) msg[i] = static_cast<char>('a' + (i + t) % 26);
-            std::string back(msg.size(), '\0');
-            for (int round = 0; round < 30; ++round) {
-                cli.request(msg.data(), msg.size(), &back[0]);
-                if (back == msg) ok.fetch_add(1);
+            for (int i = 0; i < rounds; ++i) {
+                const std::string m = msg(t, i);
+                std::string back(m.size(), '\0');
+                cli.request(m.data(), m.size(), &back[0]);
+                if (back == m) ok.fetch_add(1);
+                pause(t, i);
             }
         });
     }
     for (auto& th : threads) th.join();
-    ASSERT_EQ(ok.load(), 4 * 30);
+    ASSERT_EQ(ok.load(), 4 * rounds);
     const CompletionPaths d = stop_and_count(srv, before);
     const ServerStats st = srv.stats();
     ASSERT_EQ(st.bytes_received, st.bytes_sent);
-    // Exactly one completion per operation: the port delivered a packet for each pending one
-    // and for each immediate success without skip mode, and for nothing else.
     ASSERT_EQ(d.packets, d.pending + d.success_with_packet);
+    return d;
+}
+
+// Echo traffic that makes the OS complete some operations at once (data already buffered when
+// the recv is posted, socket space free when the send is) and leaves others pending.
+CompletionPaths run_echo_traffic() {
+    ServerConfig cfg = iocp_config(3);
+    cfg.buffer_size = 512;
+    Server srv(cfg);
+    const CompletionPaths d = echo_from_four_clients(
+        srv, 30,
+        [](int t, int) {
+            std::string m(5000 + 1000 * t, 'a');
+            for (size_t i = 0; i < m.size(); ++i) m[i] = static_cast<char>('a' + (i + t) % 26);
+            return m;
+        },
+        [](int, int) {});
     ASSERT_GT(d.pending + d.inline_success + d.success_with_packet, 0);
     return d;
 }
@@ -583,34 +600,20 @@ TEST_CASE(buffer_scans_racing_requests_lose_nothing) {
     for (const bool skip : {true, false}) {
         set_skip_mode(skip);
         set_buffer_scan_ms("1");
-        const CompletionPaths before = iocp::completion_paths();
         ServerConfig cfg = iocp_config(3);
         cfg.buffer_size = 1024;
         Server srv(cfg);
-        srv.start();
-        std::vector<std::thread> threads;
-        std::atomic<int> ok{0};
-        for (int t = 0; t < 4; ++t) {
-            threads.emplace_back([&, t] {
-                Client cli("127.0.0.1", srv.port(), 20.0);
-                for (int i = 0; i < 150; ++i) {
-                    const size_t n = 1 + static_cast<size_t>((i * 7919 + t * 104729) % 3000);
-                    const std::string msg = random_bytes(n, static_cast<unsigned>(t * 1000 + i));
-                    std::string back(n, '\0');
-                    cli.request(msg.data(), n, &back[0]);
-                    if (back == msg) ok.fetch_add(1);
-                    // Some pauses, long enough for the scans to take the buffer back.
-                    if (i % 10 == t) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-                }
+        const CompletionPaths d = echo_from_four_clients(
+            srv, 150,
+            [](int t, int i) {
+                const size_t n = 1 + static_cast<size_t>((i * 7919 + t * 104729) % 3000);
+                return random_bytes(n, static_cast<unsigned>(t * 1000 + i));
+            },
+            [](int t, int i) {
+                // Some pauses, long enough for the scans to take the buffer back.
+                if (i % 10 == t) std::this_thread::sleep_for(std::chrono::milliseconds(5));
             });
-        }
-        for (auto& th : threads) th.join();
-        ASSERT_EQ(ok.load(), 4 * 150);
-        const CompletionPaths d = stop_and_count(srv, before);
-        const ServerStats st = srv.stats();
-        ASSERT_EQ(st.bytes_received, st.bytes_sent);
-        ASSERT_EQ(st.recv_buffers, 0);
-        ASSERT_EQ(d.packets, d.pending + d.success_with_packet);
+        ASSERT_EQ(srv.stats().recv_buffers, 0);
         ASSERT_GT(d.buffers_reclaimed, 0);
     }
     set_skip_mode(true);
