@@ -29,6 +29,7 @@ using testutil::config_for;
 using testutil::expect_pool_freed;
 using testutil::for_each_backend;
 using testutil::random_bytes;
+using testutil::wait_until;
 
 namespace {
 
@@ -75,13 +76,6 @@ std::string expand(const std::string& in, size_t repeat) {
     return out;
 }
 
-void wait_until(const std::function<bool()>& cond) {
-    for (int i = 0; i < 1000 && !cond(); ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    ASSERT_TRUE(cond());
-}
-
 }  // namespace
 
 TEST_CASE(handler_replies_larger_than_buffer_in_order) {
@@ -99,7 +93,7 @@ TEST_CASE(handler_replies_larger_than_buffer_in_order) {
             ASSERT_TRUE(got == want);
         }
         cli.close();
-        wait_until([&] { return h->disconnects.load() == 1; });
+        ASSERT_TRUE(wait_until([&] { return h->disconnects.load() == 1; }, 10.0));
         srv.stop(5.0);
         ASSERT_EQ(h->connects.load(), 1);
         ASSERT_EQ(srv.stats().handler_errors, 0);
@@ -126,7 +120,7 @@ TEST_CASE(handler_error_closes_only_its_connection) {
             n = 0;  // a reset is as good as EOF here
         }
         ASSERT_EQ(n, size_t{0});
-        wait_until([&] { return srv.stats().handler_errors == 1; });
+        ASSERT_TRUE(wait_until([&] { return srv.stats().handler_errors == 1; }, 10.0));
         good.request("go", 2, back);
         ASSERT_TRUE(std::memcmp(back, "GO", 2) == 0);
         srv.stop(5.0);
@@ -195,10 +189,11 @@ TEST_CASE(handler_exceptions_close_only_their_connection) {
         }
         h->connect_throws = false;
         // Two poisoned connections and the refused one, all closed and gone.
-        wait_until([&] { return srv.stats().handler_errors == 3 && h->disconnects.load() == 3; });
+        ASSERT_TRUE(wait_until(
+            [&] { return srv.stats().handler_errors == 3 && h->disconnects.load() == 3; }, 10.0));
         h->disconnect_throws = true;
         good.close();
-        wait_until([&] { return srv.stats().handler_errors == 4; });
+        ASSERT_TRUE(wait_until([&] { return srv.stats().handler_errors == 4; }, 10.0));
         Client after("127.0.0.1", srv.port(), 10.0);
         after.request("end", 3, back);
         ASSERT_TRUE(std::memcmp(back, "end", 3) == 0);

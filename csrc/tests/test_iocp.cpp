@@ -32,6 +32,7 @@ using testutil::config_for;
 using testutil::expect_pool_freed;
 using testutil::for_each_backend;
 using testutil::random_bytes;
+using testutil::wait_until;
 
 namespace {
 
@@ -92,14 +93,6 @@ CompletionPaths stop_and_count(Server& srv, const CompletionPaths& before, doubl
     const CompletionPaths d = delta(before, iocp::completion_paths());
     print(d);
     return d;
-}
-
-bool wait_for(const std::function<bool()>& done, int timeout_ms) {
-    for (int waited = 0; !done(); waited += 10) {
-        if (waited >= timeout_ms) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return true;
 }
 
 // Four clients on threads, each sending `rounds` requests (message msg(t, i), then pause(t, i))
@@ -379,9 +372,7 @@ bool under_wine() {
 // Waits until the server has no connection left; returns its pool's IoData in use then, which
 // are its accepts (posted or parked).
 int64_t wait_for_no_connections(const Server& srv) {
-    for (int i = 0; i < 500 && srv.stats().active_connections != 0; ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    wait_until([&] { return srv.stats().active_connections == 0; }, 10.0);
     const ServerStats st = srv.stats();
     ASSERT_EQ(st.active_connections, 0);
     return st.pool_in_use;
@@ -492,9 +483,7 @@ TEST_CASE(accepts_resume_after_sockets_ran_out) {
     // No accept was lost. One that could not be posted used to go back to the pool, and the
     // server went on with fewer (here 1 of 4 left; the survivor failed again and again). All of
     // them are posted again, none still parked (pool_in_use alone counts parked ones too).
-    for (int i = 0; i < 300 && iocp::parked_accepts() != 0; ++i) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
+    wait_until([] { return iocp::parked_accepts() == 0; }, 3.0);
     ASSERT_EQ(iocp::parked_accepts(), 0);
     for (socket_t s : run_out.peers()) ::shutdown(s, SD_SEND);
     ASSERT_EQ(wait_for_no_connections(srv), accepts);
@@ -570,7 +559,7 @@ TEST_CASE(waiting_connections_hold_no_buffer) {
     for (int i = 0; i < kClients; ++i) {
         clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 20.0));
     }
-    ASSERT_TRUE(wait_for([&] { return srv.stats().active_connections == kClients; }, 10000));
+    ASSERT_TRUE(wait_until([&] { return srv.stats().active_connections == kClients; }, 10.0));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));
     ASSERT_EQ(srv.stats().recv_buffers, 0);  // connected, silent: zero-byte reads only
     for (int round = 0; round < 2; ++round) {
@@ -582,7 +571,7 @@ TEST_CASE(waiting_connections_hold_no_buffer) {
             ASSERT_TRUE(back == msg);
         }
         // Every connection now waits with a buffer again, until two scans have seen it wait.
-        ASSERT_TRUE(wait_for([&] { return srv.stats().recv_buffers == 0; }, 10000));
+        ASSERT_TRUE(wait_until([&] { return srv.stats().recv_buffers == 0; }, 10.0));
     }
     const CompletionPaths d = stop_and_count(srv, before);
     ASSERT_EQ(srv.stats().recv_buffers, 0);

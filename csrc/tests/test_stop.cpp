@@ -112,9 +112,8 @@ TEST_CASE(close_while_a_forked_child_holds_the_socket) {
         }
         ASSERT_TRUE(child > 0);
         ::close(hold[0]);
-        for (int i = 0; i < 500 && srv.stats().active_connections != 0; ++i) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(10));  // the idle close
-        }
+        testutil::wait_until([&] { return srv.stats().active_connections == 0; },
+                             5.0);  // idle close
         ASSERT_EQ(srv.stats().active_connections, 0);
         a.send("late", 4);  // reaches the socket the child still holds
         std::this_thread::sleep_for(std::chrono::milliseconds(200));

@@ -28,6 +28,7 @@ using testutil::config_for;
 using testutil::expect_pool_freed;
 using testutil::for_each_backend;
 using testutil::random_bytes;
+using testutil::wait_until;
 
 namespace {
 
@@ -37,27 +38,6 @@ constexpr size_t kFloodBytes = size_t{4} << 20;
 // A flooder's receive buffer: fixed and small, so the server's echo of the flood cannot all fit
 // on the way to it (autotuned, loopback's can grow to tcp_rmem's maximum, 32 MiB on some hosts).
 constexpr int kFlooderRecvBuffer = 16384;
-
-// Waits until the server has read at least `bytes` (its counters are updated by the workers).
-bool wait_received(const Server& srv, int64_t bytes, double seconds) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-    while (srv.stats().bytes_received < bytes) {
-        if (std::chrono::steady_clock::now() > deadline) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return true;
-}
-
-// Waits until the server holds at least `n` IoData (sends waiting for the flooders to read);
-// `seen` is the stats() that showed them.
-bool wait_in_use(const Server& srv, int64_t n, double seconds, ServerStats& seen) {
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-    while ((seen = srv.stats()).pool_in_use < n) {
-        if (std::chrono::steady_clock::now() > deadline) return false;
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    return true;
-}
 
 // Reads until EOF or a reset; returns true when the connection ended (what stop() promises).
 bool ends(Client& cli) {
@@ -117,10 +97,10 @@ void run_backend(const std::string& backend) {
     }
     // The small messages have reached the server; the floods are stuck mid-way: each flooder's
     // echo waits in a send for room the flooder never makes.
-    ASSERT_TRUE(wait_received(srv, sent, 60.0));
+    ASSERT_TRUE(wait_until([&] { return srv.stats().bytes_received >= sent; }, 60.0));
     const auto t0 = std::chrono::steady_clock::now();
-    ServerStats during;
-    ASSERT_TRUE(wait_in_use(srv, kFlooders, 60.0, during));
+    ServerStats during;  // the stats() that showed them
+    ASSERT_TRUE(wait_until([&] { return (during = srv.stats()).pool_in_use >= kFlooders; }, 60.0));
     ASSERT_EQ(during.active_connections, kClients);
     std::printf("  %s: %lld IoData in use at stop (after %.2f s)\n", backend.c_str(),
                 static_cast<long long>(during.pool_in_use),

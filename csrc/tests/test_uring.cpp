@@ -630,10 +630,7 @@ TEST_CASE(stop_cancels_many_connections) {
         clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 5.0));
         clients.back()->send(blob.data(), 64u << 10);
     }
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (srv.stats().active_connections < 260 && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
+    testutil::wait_until([&] { return srv.stats().active_connections >= 260; }, 5.0);
     ASSERT_EQ(srv.stats().active_connections, 260);
     ASSERT_GT(srv.stats().pool_in_use, 0);
     srv.stop(5.0);

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <stdexcept>
@@ -55,6 +56,17 @@ int for_each_backend(Fn&& fn) {
         fn(name);
     }
     return testh::kPass;
+}
+
+// Polls `done` every 10 ms until it holds (true) or `seconds` have gone by (false): tests wait
+// for a condition against a deadline instead of sleeping a fixed time.
+inline bool wait_until(const std::function<bool()>& done, double seconds) {
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+    while (!done()) {
+        if (std::chrono::steady_clock::now() > deadline) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    return true;
 }
 
 inline void expect_pool_freed(const iocpnative::Server& srv) {
