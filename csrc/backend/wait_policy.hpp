@@ -5,7 +5,8 @@
 //   requests that arrive in its window, so it pays only where the window gathers a few of them.
 // - SpinPolicy (io_uring): polling for up to kSpinUs before sleeping. Under saturation the next
 //   completion is due within microseconds, and the sleep and wake-up cost more than the poll (on
-//   loopback the peer's CPU pays our wake-up too).
+//   loopback the peer's CPU pays our wake-up too; in a virtual machine a sleeping CPU also has to
+//   be scheduled again by the host).
 // Plain counters, no clock and no ring: the poller feeds them, the tests drive them span by span.
 #pragma once
 
@@ -80,14 +81,18 @@ class BatchPolicy {
 };
 
 // Off, it turns on when at least half of the span's blocking waits (kMinWaits or more) ended
-// within kSpinUs, sleep and wake-up included. On, it stays on while at least 9 in 10 polls found
-// a completion; when it turns off, Backoff keeps it off for a while.
+// within kSpinUs, sleep and wake-up included, or when the worker slept less than a fifth of the
+// span (busy 80 % of the time or more: saturated, whatever kind of wait it used, batch waits
+// included). On, it stays on while at least 9 in 10 polls found a completion; when it turns off,
+// Backoff keeps it off for a while.
 class SpinPolicy {
   public:
     // A blocking wait (off) or a poll (on) ended, within kSpinUs or not.
     void waited(bool within) noexcept { ++(within ? short_ : long_); }
-    // Ends a span; returns on().
-    bool end_span() noexcept {
+    // Time spent asleep in a blocking wait of any kind.
+    void slept(int64_t us) noexcept { slept_us_ += us; }
+    // Ends a span of `span_us`; returns on().
+    bool end_span(int64_t span_us) noexcept {
         const int64_t n = short_ + long_;
         if (on_) {
             on_ = n > 0 && short_ * 10 >= 9 * n;
@@ -99,17 +104,22 @@ class SpinPolicy {
         } else if (backoff_.holding()) {
             backoff_.skipped();
         } else {
-            on_ = n >= kMinWaits && short_ * 2 >= n;
+            const bool short_waits = n >= kMinWaits && short_ * 2 >= n;
+            const bool busy = slept_us_ * kBusyDen < span_us * (kBusyDen - kBusyNum);
+            on_ = short_waits || busy;
         }
-        short_ = long_ = 0;
+        short_ = long_ = slept_us_ = 0;
         return on_;
     }
     bool on() const noexcept { return on_; }
 
   private:
     static constexpr int64_t kMinWaits = 20;
+    static constexpr int64_t kBusyNum = 4;  // busy for 4/5 of the span
+    static constexpr int64_t kBusyDen = 5;
     int64_t short_ = 0;
     int64_t long_ = 0;
+    int64_t slept_us_ = 0;
     Backoff backoff_;
     bool on_ = false;
 };

@@ -579,15 +579,18 @@ TEST_CASE(batch_policy_needs_the_rate_and_the_yield) {
     return testh::kPass;
 }
 
-// SpinPolicy, span by span: off, it turns on when 20 or more blocking waits ended, at least half
-// of them within kSpinUs; on, it stays on while 9 in 10 polls found a completion; when it turns
-// off it stays off for 2, then 4 spans whatever the waits.
+// SpinPolicy, span by span (5 ms spans): off, it turns on when 20 or more blocking waits ended, at
+// least half of them within kSpinUs, or when the worker slept less than a fifth of the span; on,
+// it stays on while 9 in 10 polls found a completion; when it turns off it stays off for 2, then
+// 4 spans whatever the waits.
 TEST_CASE(spin_policy_polls_only_when_waits_are_short) {
     waits::SpinPolicy p;
-    auto span = [&](int within, int longer) {
+    // `within` and `longer` waits (or polls), asleep for `slept_us` of the span in all.
+    auto span = [&](int within, int longer, int64_t slept_us = 2500) {
         for (int i = 0; i < within; ++i) p.waited(true);
         for (int i = 0; i < longer; ++i) p.waited(false);
-        return p.end_span();
+        p.slept(slept_us);
+        return p.end_span(5000);
     };
     ASSERT_TRUE(!p.on());
     ASSERT_TRUE(!span(19, 0));   // too few waits to judge
@@ -602,6 +605,26 @@ TEST_CASE(spin_policy_polls_only_when_waits_are_short) {
     for (int i = 0; i < 4; ++i) ASSERT_TRUE(!span(100, 0));
     ASSERT_TRUE(span(100, 0));
     ASSERT_TRUE(!span(0, 0));  // a span without polls while polling: off
+    return testh::kPass;
+}
+
+// A worker busy four fifths of the span or more polls whatever kind of wait it used (batch waits
+// do not feed waited()); still on only while 9 in 10 polls find a completion.
+TEST_CASE(spin_policy_polls_when_the_worker_is_busy) {
+    waits::SpinPolicy p;
+    p.slept(1000);  // asleep a fifth of the span: not busy enough
+    ASSERT_TRUE(!p.end_span(5000));
+    p.slept(999);  // just under a fifth, no plain waits at all
+    ASSERT_TRUE(p.end_span(5000));
+    for (int i = 0; i < 9; ++i) p.waited(true);
+    p.waited(false);
+    p.slept(4000);  // while on, only the polls count
+    ASSERT_TRUE(p.end_span(5000));
+    p.waited(false);
+    ASSERT_TRUE(!p.end_span(5000));  // the poll found nothing: off, held for 2 spans...
+    ASSERT_TRUE(!p.end_span(5000));  // ...although slept 0
+    ASSERT_TRUE(!p.end_span(5000));
+    ASSERT_TRUE(p.end_span(5000));  // a span of work without a wait
     return testh::kPass;
 }
 

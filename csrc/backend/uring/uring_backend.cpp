@@ -79,28 +79,27 @@
 // but p99 340 vs 418 us, each wait now holding its first request the whole window. The count still
 // ends a wait early in a burst.
 //
-// It is at most a quarter of the recvs posted because a saturated worker waits for its batch too
-// (it does not poll, below), and each request it holds is one the client cannot answer yet:
-// saturated on 20 connections (peers.py, 4 rounds), waiting for 16 completions ran at 0.82x the C
-// epoll peer's msgs/s (the client 86 % busy), for a quarter (5) at 0.97x, the same as polling in
-// that run (1.03x vs 1.01x in another). On 50 connections it is 12, which at 30,000/s measured as
-// 16 did (6.91 vs 6.98 us, 3 rounds): the window still ends those waits.
+// It is at most a quarter of the recvs posted because each request a batch wait holds is one the
+// client cannot answer yet: saturated on 20 connections (peers.py, 4 rounds, when saturated
+// workers still waited for batches), waiting for 16 completions ran at 0.82x the C epoll peer's
+// msgs/s (the client 86 % busy), for a quarter (5) at 0.97x. On 50 connections it is 12, which at
+// 30,000/s measured as 16 did (6.91 vs 6.98 us, 3 rounds): the window still ends those waits.
 //
-// Polling (SpinPolicy, wait_policy.hpp): when nearly every wait would end within kSpinUs (20 us),
-// i.e. the worker is saturated, and it cannot wait for a batch (fewer than kBatchMinRecvs recvs
-// posted, batched waits off or not in the kernel), it polls the ring for that long before it
-// sleeps. Measured with peers.py (3 rounds, client-bound rows, msgs/s against the same build
-// without polling): 10 x 64 KiB 1.06x (1.02x uvloop), and 50 x 512 B 1.04x, 1000 x 128 B 1.04x
-// before batch waits took over there; the fixed-rate rows do not poll (server CPU per message
-// unchanged at 30,000/s and 20,000/s). On loopback the client's CPU pays for waking a sleeping
-// server, which is why a server that keeps polling lets it go faster.
-//
-// Where a batch wait is possible it does better than polling: one wake-up per batch, which the
-// client's CPU pays once, and the worker's CPU free in between. Measured with peers.py, saturated
-// 50 x 512 B, polling against batch waits in five runs of 4-6 rounds: 0.96-0.99x vs 0.99-1.00x the
-// C epoll peer's msgs/s (paired), server CPU 95-98 % vs 87-91 %; 1000 x 128 B and 10,000 x 512 B
-// the same within noise, the fixed-rate rows unchanged. Only polls and plain waits feed SpinPolicy,
-// so it stays off while batch waits are possible.
+// Polling (SpinPolicy, wait_policy.hpp): a saturated worker polls the ring for up to kSpinUs
+// (20 us) before it sleeps, and waits for no batch meanwhile. Saturated: busy four fifths of a
+// span or more, whatever its waits (batch waits included), or, with only plain waits, half of
+// them ending within kSpinUs anyway; it goes on polling while 9 in 10 polls find a completion.
+// On loopback the client's CPU pays for waking a sleeping server, and in a virtual machine a CPU
+// that sleeps waits for the host to run it again; a polling server spares both. Measured with
+// peers.py, saturated 50 x 512 B (AMD EPYC VM, 14 rounds of 3 s): polling 1.04x the C epoll
+// peer's msgs/s (paired), the build that waited for batches there 0.96x (1.075x paired between
+// the two), p99 717 vs 956 us, server CPU 97 % vs 90 % (an earlier run, on another VM, had
+// found the two equal within noise: 0.96-0.99x vs 0.99-1.00x in five runs); 1000 x 128 B the same
+// within noise (1.02x, 8 rounds); the fixed-rate rows (busy 35-45 %) do not poll: 30,000/s on 50 x
+// 512 B and 20,000/s on 1000 x 128 B unchanged (14.1-14.5 vs 14.2-14.5 and 17.0-18.3 vs 16.6-17.8
+// us of server CPU per message, 3 rounds, up to 30 % steal). Before batch waits existed, polling
+// the plain waits gave 10 x 64 KiB 1.06x, 50 x 512 B 1.04x and 1000 x 128 B 1.04x the msgs/s of the
+// same build without it.
 //
 // Wake-up from other threads: a READ of an eventfd stays posted on the ring and wake() writes
 // the eventfd. IORING_OP_MSG_RING would need a ring on the waking thread (stop() runs on a
@@ -271,9 +270,11 @@ class UringPoller final : public Poller {
         if (!have || ring_.unsubmitted() > 0) {
             bool block = !have && timeout_ms != 0;
             if (block) end_span_if_due();
+            // A worker that polls (saturated) does not wait for batches (see the file comment).
+            const bool polling = feat_.poll && spin_policy_.on();
             // Without the kernel's batch timeout, waiting for more than one CQE could wait long.
             int64_t batch = 1;
-            if (can_wait_for_batch_ && batch_wait_us_ > 0 && batch_policy_.on() &&
+            if (can_wait_for_batch_ && batch_wait_us_ > 0 && batch_policy_.on() && !polling &&
                 recvs_inflight_ >= kBatchMinRecvs) {
                 batch = std::min(kBatchCount, recvs_inflight_ / kRecvsPerBatched);
             }
@@ -286,10 +287,7 @@ class UringPoller final : public Poller {
             // through the stash and an extra loop iteration: submitting the sends with the wait
             // instead measured 9.0-10.1 vs 7.9-8.5 us per message at 30,000/s on 50 connections.
             bool submitted = false;
-            // A worker that can wait for a batch does so instead of polling (see the file comment);
-            // only the waits that could have been polls feed SpinPolicy.
-            const bool pollable = feat_.poll && batch == 1;
-            if (block && pollable && spin_policy_.on()) {
+            if (block && polling) {
                 // Poll for up to kSpinUs (io_uring_enter runs the deferred task work).
                 const int64_t until = monotonic_us() + waits::kSpinUs;
                 do {
@@ -304,13 +302,20 @@ class UringPoller final : public Poller {
                 submitted = true;
                 block = ring_.ready() == 0;
             }
+            // Every blocking wait tells SpinPolicy how long the worker slept; the plain waits
+            // that could have been polls also whether they ended within kSpinUs.
+            const int64_t t0 = block ? monotonic_us() : 0;
             if (block && batch > 1 && !ring_.has_min_wait()) {
                 wait_window(static_cast<unsigned>(batch), timeout_ms);
             } else if (block || !submitted) {
-                const bool timed = block && pollable && !spin_policy_.on();
-                const int64_t t0 = timed ? monotonic_us() : 0;
                 ring_.enter(block ? static_cast<unsigned>(batch) : 0, timeout_ms, batch_wait_us_);
-                if (timed) spin_policy_.waited(monotonic_us() - t0 < waits::kSpinUs);
+            }
+            if (block) {
+                const int64_t took = monotonic_us() - t0;
+                spin_policy_.slept(took);
+                if (feat_.poll && batch == 1 && !polling) {
+                    spin_policy_.waited(took < waits::kSpinUs);
+                }
             }
             sends_queued_ = false;
             batched = block && batch > 1;
@@ -345,7 +350,7 @@ class UringPoller final : public Poller {
         const int64_t span = now - span_since_;
         if (span < waits::kSpanUs) return;
         batch_policy_.end_span(span, static_cast<int64_t>(batch_wait_us_));
-        spin_policy_.end_span();
+        spin_policy_.end_span(span);
         span_since_ = now;
     }
 
