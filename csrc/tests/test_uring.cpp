@@ -220,7 +220,7 @@ void burst(std::vector<std::unique_ptr<Client>>& clients, size_t size, unsigned 
 // 400 connections on one worker send at once: more recvs complete in one io_uring_enter than
 // the ring's 32 buffers, so some read into an IoData of their own and the rest wait for the
 // ring. Every byte must come back; then (second pass) stop() with such a burst unanswered.
-// 400 connections are too few to grow the ring (one buffer per 32 connections).
+// 400 connections are too few to grow the ring (one buffer per 16 connections).
 TEST_CASE(burst_beyond_buffer_ring) {
     if (!uring_available()) return testh::kSkip;
     for (bool read_replies : {true, false}) {
@@ -306,7 +306,7 @@ class GateEcho final : public DataHandler {
 
 // 1,600 busy connections on one worker: their data arrives while the worker is held, so its
 // next io_uring_enter completes far more recvs than the ring's 32 buffers; the ring then grows
-// to one buffer per 32 connections (50), and every echo is exact, during and after.
+// to one buffer per 16 connections (100), and every echo is exact, during and after.
 TEST_CASE(buffer_ring_grows_with_busy_connections) {
     if (!uring_available()) return testh::kSkip;
     rlimit rl{};
@@ -324,18 +324,14 @@ TEST_CASE(buffer_ring_grows_with_busy_connections) {
     ASSERT_EQ(srv.stats().recv_buffers, 32);  // idle connections grow nothing
     Client holder("127.0.0.1", srv.port(), 5.0);
     holder.send("G", 1);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-    while (!gate->holding() && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    ASSERT_TRUE(gate->holding());
+    ASSERT_TRUE(testutil::wait_until([&] { return gate->holding(); }, 5.0));
     std::thread opener([&] {
         std::this_thread::sleep_for(std::chrono::milliseconds(300));
         gate->release();
     });
     burst(clients, 300, 10000, true);  // sent while held, read after the release
     opener.join();
-    ASSERT_EQ(srv.stats().recv_buffers, 1600 / 32);
+    ASSERT_EQ(srv.stats().recv_buffers, 1600 / 16);
     burst(clients, 300, 20000, true);
     char g = 0;
     ASSERT_EQ(holder.recv(&g, 1), 1u);

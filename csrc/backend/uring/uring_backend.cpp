@@ -174,8 +174,14 @@ constexpr size_t kBufRingBudget = 2u << 20;
 // When recvs find the ring empty (-ENOBUFS), the ring grows to one buffer per kConnsPerRecvBuffer
 // connections on the worker, up to kBufRingMaxBuffers; it never shrinks. Measured with peers.py
 // on 10,000 connections x 512 B: 32 buffers ran at 0.78x the C epoll peer's msgs/s (19 % of
-// recvs met -ENOBUFS), 256 at 0.99x. A worker with fewer than 32 x 32 connections keeps its 32.
-constexpr unsigned kConnsPerRecvBuffer = 32;
+// recvs met -ENOBUFS), 256 at 0.99x. One per 32 connections (the rule before) left a thousand
+// (31 wanted, 32 there) waiting in starved_: saturated on 1000 x 128 B (peers.py, 5 rounds of
+// 3 s), one per 16 measured p99 15.9 vs 24.5 ms (0.72x paired; the C epoll peer 19.3 ms) and
+// 1.03x the msgs/s; one per 8 did no better (16.2 ms). The price is idle memory, since a burst of
+// first messages grows the ring and every buffer it cycles through keeps the page it touched:
+// 0.41 vs 0.28 KiB per idle connection at 5,000 (0.63 vs 0.38 at 1,000; 0.91 and 0.56 with 8).
+// A worker with fewer than 32 x 16 connections keeps its 32.
+constexpr unsigned kConnsPerRecvBuffer = 16;
 constexpr unsigned kBufRingMaxBuffers = 512;
 constexpr size_t kBufMaxSize = 64u << 10;
 // IoData in use beyond which a recv that met -ENOBUFS waits for the ring (see the file comment).
