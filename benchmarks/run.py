@@ -104,13 +104,15 @@ def run_all(
         servers = {**ours, **nobatch} if "--rate" in a else ours
         if only is None or key in only:
             run_peers(key, [*a, *common, *rounds], results, servers, extra)
+    if only is None or "f_idle" in only:
+        run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results,
+                  ours, extra)  # fmt: skip
+        if not quick and p["idle"] != IDLE_SMALL:
+            run_peers(f"f_idle{IDLE_SMALL}",
+                      ["--rounds", "0", "--idle-connections", str(IDLE_SMALL)], results, ours,
+                      extra)  # fmt: skip
     if only is not None:
         return
-    run_peers("f_idle", ["--rounds", "0", "--idle-connections", str(p["idle"])], results, ours,
-              extra)  # fmt: skip
-    if not quick and p["idle"] != IDLE_SMALL:
-        run_peers(f"f_idle{IDLE_SMALL}", ["--rounds", "0", "--idle-connections", str(IDLE_SMALL)],
-                  results, ours, extra)  # fmt: skip
     only = ["--only", "c_epoll,iocpnative", "--rounds", str(p["scale_rounds"])]
     for n in SCALING:
         run_peers(f"s_{n}", ["--connections", str(n), "--size", "512", *common, *only], results,
@@ -439,7 +441,8 @@ def main() -> int:
         "--only-scenarios",
         metavar="KEYS",
         help="comma list of the main scenarios to run again (a_50x512, b_rate30000_50x512, "
-        "c_1000x128, d_rate20000_1000x128, e_10x65536); the rest is rendered from --results",
+        "c_1000x128, d_rate20000_1000x128, e_10x65536, f_idle: both idle counts); the rest is "
+        "rendered from --results",
     )
     ap.add_argument(
         "--peers-arg",
