@@ -162,7 +162,7 @@ class Server:
     ``batch_wait_us`` (Linux: io_uring from 6.7, and epoll): with many receives posted, a worker
     may wait this long for a batch of completions before answering what it has, so a moderate
     message rate costs one wake-up per batch instead of one per message (measured with
-    docs/benchmarks.md's comparison at 20,000-30,000 msgs/s: 17-20 % less server CPU per message
+    docs/benchmarks.md's comparison at 20,000-30,000 msgs/s: 14-23 % less server CPU per message
     on an AMD VM, 47-54 % on an Intel one), for up to this much more latency; ``0`` answers
     every completion at once. A lone connection, or a few, never waits; nor do requests that
     arrive too slowly, or too much one at a time, for a window to gather at least 1.25 of them
