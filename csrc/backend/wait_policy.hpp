@@ -105,7 +105,7 @@ class SpinPolicy {
             backoff_.skipped();
         } else {
             const bool short_waits = n >= kMinWaits && short_ * 2 >= n;
-            const bool busy = slept_us_ * kBusyDen < span_us * (kBusyDen - kBusyNum);
+            const bool busy = slept_us_ * kBusyShare < span_us;
             on_ = short_waits || busy;
         }
         short_ = long_ = slept_us_ = 0;
@@ -115,8 +115,7 @@ class SpinPolicy {
 
   private:
     static constexpr int64_t kMinWaits = 20;
-    static constexpr int64_t kBusyNum = 4;  // busy for 4/5 of the span
-    static constexpr int64_t kBusyDen = 5;
+    static constexpr int64_t kBusyShare = 5;  // busy: asleep less than 1/kBusyShare of the span
     int64_t short_ = 0;
     int64_t long_ = 0;
     int64_t slept_us_ = 0;
