@@ -167,10 +167,7 @@ TEST_CASE(idle_connections_pin_no_iodata) {
         // With the buffer ring a waiting recv holds nothing; without it each holds an IoData.
         // (The last replies' send completions may still be on their way: give them a moment.)
         const int64_t want = buffer_ring ? 0 : kIdle;
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-        while (srv.stats().pool_in_use != want && std::chrono::steady_clock::now() < deadline) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        }
+        testutil::wait_until([&] { return srv.stats().pool_in_use == want; }, 5.0);
         ASSERT_EQ(srv.stats().pool_in_use, want);
         srv.stop(5.0);
         expect_pool_freed(srv);
@@ -186,10 +183,7 @@ std::vector<std::unique_ptr<Client>> connect_all(Server& srv, int n) {
     for (int i = 0; i < n; ++i) {
         clients.push_back(std::make_unique<Client>("127.0.0.1", srv.port(), 5.0));
     }
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
-    while (srv.stats().active_connections < n && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
+    testutil::wait_until([&] { return srv.stats().active_connections >= n; }, 10.0);
     if (srv.stats().active_connections != n) throw std::runtime_error("clients not all accepted");
     return clients;
 }
@@ -264,10 +258,7 @@ TEST_CASE(ring_buffers_come_back_after_use) {
             bulk.back()->request(big.data(), big.size(), &back[0]);
             ASSERT_TRUE(back == big);
         }
-        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(5);
-        while (srv.stats().pool_in_use != 40 && std::chrono::steady_clock::now() < deadline) {
-            std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        }
+        testutil::wait_until([&] { return srv.stats().pool_in_use == 40; }, 5.0);
         ASSERT_EQ(srv.stats().pool_in_use, 40);
         Client fresh("127.0.0.1", srv.port(), 5.0);
         for (int i = 0; i < 100; ++i) {
