@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -64,6 +65,21 @@ def test_default_workers_is_cpu_count(make_server) -> None:
     srv = make_server(workers=None)
     assert srv.workers >= 1
     assert srv.backend != "auto"
+
+
+def test_batch_wait_default_is_the_native_one_everywhere() -> None:
+    """One default (config.hpp's kDefaultBatchWaitUs, 500 us as the README says) for the Python
+    Server, the native constructor it calls and the CLI."""
+    import inspect
+
+    from iocpnative.cli import build_parser
+
+    native = iocpnative._native.DEFAULT_BATCH_WAIT_US
+    assert native == 500
+    assert inspect.signature(iocpnative.Server).parameters["batch_wait_us"].default == native
+    doc = iocpnative._native.Server.__init__.__doc__
+    assert re.search(r"batch_wait_us: [^=]+= 500\)", doc), doc
+    assert build_parser().parse_args(["server"]).batch_wait_us == native
 
 
 def test_context_manager_starts_and_stops(backend: str) -> None:

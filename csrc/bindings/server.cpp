@@ -35,6 +35,7 @@ using ServerHolder = std::unique_ptr<Server, ReleaseGilDelete>;
 }  // namespace
 
 void register_server(py::module_& m) {
+    m.attr("DEFAULT_BATCH_WAIT_US") = kDefaultBatchWaitUs;
     py::class_<Server, ServerHolder>(m, "Server")
         .def(py::init([](const std::string& host, int port, int workers, const std::string& backend,
                          size_t buffer_size, size_t max_connections, double idle_timeout,

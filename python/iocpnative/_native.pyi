@@ -6,6 +6,7 @@ from typing import Any, NoReturn
 from typing_extensions import Buffer
 
 __version__: str
+DEFAULT_BATCH_WAIT_US: int
 
 def available_backends() -> list[str]: ...
 def backend_statuses() -> list[dict[str, Any]]: ...
@@ -39,7 +40,7 @@ class Server:
         idle_timeout: float,
         verbose: bool,
         handler: Handler | None = None,
-        batch_wait_us: int = 200,
+        batch_wait_us: int = ...,
     ) -> None: ...
     def start(self) -> None: ...
     def stop(self, timeout: float) -> None: ...

@@ -30,7 +30,7 @@ from ._validate import (
 
 DEFAULT_BUFFER_SIZE = 65536
 DEFAULT_MAX_CONNECTIONS = 10000
-DEFAULT_BATCH_WAIT_US = 200
+DEFAULT_BATCH_WAIT_US: int = _native.DEFAULT_BATCH_WAIT_US  # config.hpp's kDefaultBatchWaitUs
 
 logger = logging.getLogger("iocpnative")
 
@@ -159,11 +159,12 @@ class Server:
     ``buffer_size`` is the most one receive reads; ``max_connections`` caps concurrent
     connections (more are accepted and closed at once, counted in ``rejected_connections``);
     ``idle_timeout`` closes a connection that has received nothing for that many seconds.
-    ``batch_wait_us`` (Linux: io_uring from 6.7, and epoll): with many receives posted, a worker
-    may wait this long for a batch of completions before answering what it has, so a moderate
-    message rate costs one wake-up per batch instead of one per message (measured with
-    docs/benchmarks.md's comparison at 20,000-30,000 msgs/s: 14-23 % less server CPU per message
-    on an AMD VM, 47-54 % on an Intel one), for up to this much more latency; ``0`` answers
+    ``batch_wait_us`` (Linux: io_uring from 6.7, and epoll; default 500): with many receives
+    posted, a worker may wait this long for a batch of completions before answering what it has,
+    so a moderate message rate costs one wake-up per batch instead of one per message, for up to
+    this much more latency (measured side by side at 20,000-30,000 msgs/s on an AMD VM: 500
+    cost 0.73-0.75x the server CPU per message of a C epoll server, 200 0.88-0.90x, with a p50
+    of about 450 against 300 and c_epoll's 170 microseconds; see the README); ``0`` answers
     every completion at once. A lone connection, or a few, never waits; nor do requests that
     arrive too slowly, or too much one at a time, for a window to gather at least 1.25 of them
     (there the kernel timer of a batch wait costs more than it saves), nor a saturated worker

@@ -43,7 +43,10 @@
 // 6.91 vs 14.03 us (14.94), p50 276 vs 109 us; 20,000/s on 1000 x 128 B 8.44 vs 14.46 (14.06);
 // 100,000/s on 50 x 512 B 4.00 vs 5.43 (5.34); 10,000/s on 20 x 512 B 15.12 vs 30.34 (28.37);
 // saturated 1000 x 128 B 1.05x vs 1.04x c_epoll's msgs/s. The price, as on io_uring, where the
-// rate only sometimes fills a window: 5,000/s on 100 x 512 B 32.49 vs 32.01 us (31.07).
+// rate only sometimes fills a window: 5,000/s on 100 x 512 B 32.49 vs 32.01 us (31.07). Those
+// had a 200 us window; with the 500 us default (the AMD VM, 5 rounds, against 200 us and c_epoll):
+// 30,000/s 12.52 vs 13.23 us (16.22), p50 381 vs 266 us, p99 6,390 vs 1,393 us (8,290);
+// 20,000/s on 1000 x 128 B 14.09 vs 16.73 us (19.53), p99 3,129 vs 2,392 us (4,784).
 #include <errno.h>
 #include <poll.h>
 #include <sys/epoll.h>

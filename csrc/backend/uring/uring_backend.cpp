@@ -44,7 +44,7 @@
 //
 // Batched waits (Linux >= 6.12, IORING_FEAT_MIN_TIMEOUT; emulated from 6.7, below): with
 // kBatchMinRecvs or more recvs posted, the worker waits for one completion per kRecvsPerBatched
-// recvs posted (at most kBatchCount), but no longer than ServerConfig::batch_wait_us (default 200;
+// recvs posted (at most kBatchCount), but no longer than ServerConfig::batch_wait_us (default 500;
 // 0 turns batched waits off); after that any completion ends the wait. At a moderate message rate
 // each message otherwise costs a wake-up and a sleep of the worker thread. Measured with peers.py
 // (3 rounds) at 30,000 round trips/s on 50 connections, server CPU per message went from 14.6
@@ -78,6 +78,20 @@
 // 10,000/s on 20 connections (2 per window, the old count 2) 19.9 vs 16.7 us, p50 224 vs 222 us,
 // but p99 340 vs 418 us, each wait now holding its first request the whole window. The count still
 // ends a wait early in a burst.
+//
+// The default window, 500 us, is set by what a wake-up costs. On the AMD EPYC VM of the later
+// measurements a message cost the server about 8.5 us saturated, and at a fixed rate about 35 us
+// more per wait divided by the requests the wait gathered (the slope of the figures below; the
+// idle guest halts its CPU, so the host may run other work on it meanwhile). peers.py beside
+// c_epoll, 5 rounds (one run): 30,000/s on 50 x 512 B 14.08 us with a 200 us window (0.88x c_epoll
+// paired, the window ending most waits), 12.20 with 500 (0.75x), 11.0-11.9 with 1000 (0.76x, 4
+// rounds; the count of 12 ending most waits); 20,000/s on 1000 x 128 B 17.24 vs 13.63 us (0.90x vs
+// 0.73x), p99 3,916 vs 3,424 us (c_epoll 4,784), p50 309 vs 481 us (c_epoll 171). A longer window
+// also lets slower rates batch (BatchPolicy wants 1.25 requests per window): on 100 x 512 B, 3
+// rounds, 0.91x vs 1.37x c_epoll at 2,500/s, 0.54x vs 1.26x at 3,500/s, 0.60x vs 1.17x at 5,000/s.
+// The price is the median latency at those rates (+150 to +200 us); saturated rows do not change
+// (the worker polls). On the Intel VM before it, where wake-ups cost half as much, 200 us already
+// gave 0.49x c_epoll at 30,000/s.
 //
 // It is at most a quarter of the recvs posted because each request a batch wait holds is one the
 // client cannot answer yet: saturated on 20 connections (peers.py, 4 rounds, when saturated
