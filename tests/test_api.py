@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import inspect
 import math
 import os
 import re
@@ -70,8 +71,6 @@ def test_default_workers_is_cpu_count(make_server) -> None:
 def test_batch_wait_default_is_the_native_one_everywhere() -> None:
     """One default (config.hpp's kDefaultBatchWaitUs, 500 us as the README says) for the Python
     Server, the native constructor it calls and the CLI."""
-    import inspect
-
     from iocpnative.cli import build_parser
 
     native = iocpnative._native.DEFAULT_BATCH_WAIT_US
