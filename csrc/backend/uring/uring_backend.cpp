@@ -89,7 +89,7 @@
 // 0.73x), p99 3,916 vs 3,424 us (c_epoll 4,784), p50 309 vs 481 us (c_epoll 171). A longer window
 // also lets slower rates batch (BatchPolicy wants 1.25 requests per window): on 100 x 512 B, 3
 // rounds, 0.91x vs 1.37x c_epoll at 2,500/s, 0.54x vs 1.26x at 3,500/s, 0.60x vs 1.17x at 5,000/s.
-// The price is the median latency at those rates (+150 to +200 us); saturated rows do not change
+// The price is the median latency at those rates (+110 to +240 us); saturated rows do not change
 // (the worker polls). On the Intel VM before it, where wake-ups cost half as much, 200 us already
 // gave 0.49x c_epoll at 30,000/s.
 //

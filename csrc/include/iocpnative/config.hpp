@@ -16,9 +16,9 @@ constexpr double kNeverSeconds = 1e9;
 // before any socket opens, so a mistyped count (1e8) would spend a minute allocating them.
 constexpr int kMaxWorkers = 1024;
 
-// 500 us: on the 2-CPU VMs this is measured on, a worker's wake-up costs about as much server CPU
-// as four echoed messages, and a 200 us window gathered too few of them at 20,000-30,000 round
-// trips/s (uring_backend.cpp has the figures).
+// 500 us: on the AMD VM of the later measurements a worker's wake-up costs about as much server
+// CPU as four echoed messages, and a 200 us window gathered too few of them at 20,000-30,000
+// round trips/s (uring_backend.cpp has the figures).
 constexpr int kDefaultBatchWaitUs = 500;
 constexpr int kMaxBatchWaitUs = 1000000;
 
