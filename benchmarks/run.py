@@ -324,12 +324,13 @@ STEAL_PCT = 10  # a run with more steal than this is reported as disturbed
 VARIANTS = (("iocpnative_w200", 200), ("iocpnative_nobatch", 0))
 
 
-def batch_note(default_us: int) -> str:
+def batch_note(default_us: int, with_w200: bool) -> str:
+    w200 = ("`iocpnative_w200` (`--batch-wait-us 200`, the earlier default) waits up to 200 µs; "
+            if with_w200 else "")  # fmt: skip
     return (
         f"Batched waits trade latency for CPU: the default `iocpnative` row waits up to "
         f"{default_us} µs for a batch of io_uring completions (one per 4 receives posted, at most "
-        "16, or what the window brings) before answering them together; `iocpnative_w200` "
-        "(`--batch-wait-us 200`, the earlier default) waits up to 200 µs; "
+        f"16, or what the window brings) before answering them together; {w200}"
         "`iocpnative_nobatch` (`--batch-wait-us 0`) answers each completion at once."
     )
 
@@ -382,7 +383,8 @@ def render(results: Path, out: Path, quick: bool, command: str, report_only: boo
         bad = "" if d.get("exit_status", 0) == 0 else " **peers.py reported failed runs.**"
         if "iocpnative_nobatch" in d["summary"]:
             # Results from before the default was recorded ran with 200 us.
-            text += "\n\n" + batch_note(d.get("batch_wait_us_default", 200))
+            text += "\n\n" + batch_note(d.get("batch_wait_us_default", 200),
+                                          "iocpnative_w200" in d["summary"])  # fmt: skip
         parts.append(f"### {title}\n\n{load}Command: `{d['command']}`{bad}\n\n{text}\n")
     py = json.loads((results / "pyclient.json").read_text())
     w2_note = (
