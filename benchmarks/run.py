@@ -90,6 +90,7 @@ def run_all(
     others keep their earlier results in `results`)."""
     p = {**(QUICK if quick else FULL), **over}
     results.mkdir(parents=True, exist_ok=True)
+    wake_cost(results, "start", quick)
     py = sys.executable
     ours = iocpnative_servers(py)
     common = ["--duration", str(p["duration"]), "--warmup", str(p["warmup"])]
@@ -116,6 +117,7 @@ def run_all(
                       ["--rounds", "0", "--idle-connections", str(IDLE_SMALL)], results, ours,
                       extra)  # fmt: skip
     if only is not None:
+        wake_cost(results, "end", quick)
         return
     only = ["--only", "c_epoll,iocpnative", "--rounds", str(p["scale_rounds"])]
     for n in SCALING:
@@ -132,6 +134,23 @@ def run_all(
         cmd.append("--quick")
     print("\n$ " + shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+    wake_cost(results, "end", quick)
+
+
+def wake_cost(results: Path, when: str, quick: bool) -> None:
+    """benchmarks/wakecost.py on peers.py's server CPU (0), woken from the client's (1); kept
+    in wakecost.json under `when` (start, end of the run)."""
+    cmd = [sys.executable, str(HERE / "wakecost.py"), "--cpu", "0", "--other-cpu", "1"]
+    if quick:
+        cmd += ["--loops", "300"]
+    print("\n$ " + shlex.join(cmd), flush=True)
+    r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    print(r.stdout.strip(), flush=True)
+    path = results / "wakecost.json"
+    d = json.loads(path.read_text()) if path.exists() and when != "start" else {}
+    d[when] = json.loads(r.stdout.strip().splitlines()[-1])
+    d["command"] = shlex.join(["python", *cmd[1:]]).replace(str(ROOT) + "/", "")
+    path.write_text(json.dumps(d, indent=1))
 
 
 # --- rendering ----------------------------------------------------------------------------
@@ -335,6 +354,53 @@ def batch_note(default_us: int, with_w200: bool) -> str:
     )
 
 
+def wake_figures(results: Path) -> dict | None:
+    """Medians over the start and end measurements of wakecost.json, if the run has one."""
+    path = results / "wakecost.json"
+    if not path.exists():
+        return None
+    d = json.loads(path.read_text())
+    parts = [d[k] for k in ("start", "end") if k in d]
+    out = {k: _med([x for p in parts for x in p[f"{k}_us_runs"]]) for k in ("timer", "pipe",
+           "syscall")}  # fmt: skip
+    return {**out, "sleep_us": parts[0]["sleep_us"], "n": sum(p["repeats"] for p in parts),
+            "command": d["command"]}  # fmt: skip
+
+
+def wake_line(w: dict | None) -> str:
+    if w is None:
+        return ""
+    return (
+        f"- Wake-up cost, measured with no server (`{w['command']}`, at the start and the end of "
+        f"the run, median of {w['n']}): a thread on CPU 0 that sleeps {w['sleep_us']} µs pays "
+        f"{_f(w['timer'], '.1f')} µs of CPU per sleep and wake-up; woken from CPU 1 through a "
+        f"pipe, {_f(w['pipe'], '.1f')} µs per round trip (its read and write included); a system "
+        f"call that does not sleep costs {_f(w['syscall'], '.2f')} µs. Every server below pays "
+        "the like for each of its sleeps, in the CPU time the tables show.\n"
+    )
+
+
+def floor_note(w: dict | None, sat: dict, rate: dict) -> str:
+    """What half of uvloop's CPU per message asks of a batch wait, given this machine's
+    wake-up cost: at least (no work per message) and at the saturated figure's work."""
+    me, uv = sat["summary"].get("iocpnative", {}), rate["summary"].get("uvloop_protocol", {})
+    s, u = me.get("server_cpu_us_per_msg_median"), uv.get("server_cpu_us_per_msg_median")
+    if w is None or w["timer"] is None or s is None or u is None:
+        return ""
+    half, t = u / 2, w["timer"]
+    at_s = (f"about {t / (half - s):.0f} if a message's own work is what it costs saturated"
+            if half > s else "and none is enough if a message's own work is what it costs "
+            "saturated")  # fmt: skip
+    return (
+        f"For scale: half of uvloop's figure is {half:.2f} µs per message. iocpnative saturated "
+        f"spends {s:.2f} µs per message (50 × 512 B above, where its worker polls rather than "
+        f"sleeps), and here a sleep and wake-up costs a thread {t:.1f} µs (Machine, "
+        "above). A server that met the figure would share each wake-up among the requests it "
+        f"answers: at least {t / half:.1f} requests per wake-up even if a message cost nothing "
+        f"else, {at_s} ({s:.2f} µs)."
+    )
+
+
 def render(results: Path, out: Path, quick: bool, command: str, report_only: bool) -> None:
     docs = {k: json.loads((results / f"{k}.json").read_text()) for k in (
         "a_50x512", "b_rate30000_50x512", "c_1000x128", "d_rate20000_1000x128", "e_10x65536",
@@ -344,6 +410,7 @@ def render(results: Path, out: Path, quick: bool, command: str, report_only: boo
 
     figs: dict[str, dict] = {}
     parts = []
+    wake = wake_figures(results)
     runs = [r for d in docs.values() for r in d["runs"]]
     busy = sum(1 for r in runs if (r.get("other_procs_cpu_pct") or 0) > 5)
     busy_note = (f"\n**Busy machine**: in {busy} of {len(runs)} runs other processes used more "
@@ -385,6 +452,8 @@ def render(results: Path, out: Path, quick: bool, command: str, report_only: boo
             # Results from before the default was recorded ran with 200 us.
             text += "\n\n" + batch_note(d.get("batch_wait_us_default", 200),
                                           "iocpnative_w200" in d["summary"])  # fmt: skip
+        if key == "b" and (note := floor_note(wake, docs["a_50x512"], d)):
+            text += "\n\n" + note
         parts.append(f"### {title}\n\n{load}Command: `{d['command']}`{bad}\n\n{text}\n")
     py = json.loads((results / "pyclient.json").read_text())
     w2_note = (
@@ -421,7 +490,7 @@ JSON that the run wrote to `{shown_results}`).
   a "(client-bound)" msgs/s ranks the client, so compare such servers by server µs/msg.
 - `iocpnative` is `python -m iocpnative server --workers 1` with the `auto` backend
   ({auto}); `iocpnative_<backend>` forces another one with `IOCPNATIVE_BACKEND`.
-
+{wake_line(wake)}
 ## Targets of issue 7
 
 {targets(figs, docs["f_idle"]["config"]["idle_connections"], figs.get("g", {}).get("iocpnative"))}
