@@ -360,19 +360,20 @@ def wake_figures(results: Path) -> dict | None:
     if not path.exists():
         return None
     d = json.loads(path.read_text())
-    parts = [d[k] for k in ("start", "end") if k in d]
+    when = [k for k in ("start", "end") if k in d]
+    parts = [d[k] for k in when]
     out = {k: _med([x for p in parts for x in p[f"{k}_us_runs"]]) for k in ("timer", "pipe",
            "syscall")}  # fmt: skip
     return {**out, "sleep_us": parts[0]["sleep_us"], "n": sum(p["repeats"] for p in parts),
-            "command": d["command"]}  # fmt: skip
+            "when": " and the ".join(when), "command": d["command"]}  # fmt: skip
 
 
 def wake_line(w: dict | None) -> str:
     if w is None:
         return ""
     return (
-        f"- Wake-up cost, measured with no server (`{w['command']}`, at the start and the end of "
-        f"the run, median of {w['n']}): a thread on CPU 0 that sleeps {w['sleep_us']} µs pays "
+        f"- Wake-up cost, measured with no server (`{w['command']}`, at the {w['when']} of the "
+        f"run, median of {w['n']}): a thread on CPU 0 that sleeps {w['sleep_us']} µs pays "
         f"{_f(w['timer'], '.1f')} µs of CPU per sleep and wake-up; woken from CPU 1 through a "
         f"pipe, {_f(w['pipe'], '.1f')} µs per round trip (its read and write included); a system "
         f"call that does not sleep costs {_f(w['syscall'], '.2f')} µs. Every server below pays "
