@@ -48,26 +48,26 @@ def syscall(loops: int) -> float:
 
 def pipe(cpu: int, other: int, loops: int) -> float:
     """CPU per round trip of the side on `cpu`, woken each time by the side on `other`."""
-    to_me, from_other = os.pipe()
-    to_other, from_me = os.pipe()
+    my_r, other_w = os.pipe()  # (read end, write end): the other side writes, we read
+    other_r, my_w = os.pipe()  # and back
     pid = os.fork()
     if pid == 0:  # the waker, on the other CPU: it starts each round trip
         try:
             os.sched_setaffinity(0, {other})
             for _ in range(loops):
-                os.write(from_other, b"x")
-                os.read(to_other, 1)
+                os.write(other_w, b"x")
+                os.read(other_r, 1)
         finally:
             os._exit(0)
     try:
         t0 = cpu_us()
         for _ in range(loops):
-            os.read(to_me, 1)
-            os.write(from_me, b"x")
+            os.read(my_r, 1)
+            os.write(my_w, b"x")
         spent = cpu_us() - t0
     finally:
         os.waitpid(pid, 0)
-        for fd in (to_me, from_other, to_other, from_me):
+        for fd in (my_r, other_w, other_r, my_w):
             os.close(fd)
     return spent / loops
 
